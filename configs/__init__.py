@@ -1,0 +1,1 @@
+"""Target presets per model family, installed as ``lora_inject.configs`` (TOML files, one per family)."""

@@ -1,0 +1,87 @@
+"""lora_inject: LoRA adapters for any PyTorch model, in PEFT's file format.
+
+    import lora_inject as li
+    li.inject(model, targets=["q_proj", "v_proj"], r=8, alpha=16)
+    ...train...
+    li.save_adapter(model, "out/adapter")
+    plain = li.merge_and_unload(model)
+"""
+
+from __future__ import annotations
+
+from .config import LoraConfig
+from .errors import (
+    AdapterExistsError,
+    AdapterFileError,
+    AdapterNotFoundError,
+    ConfigError,
+    DistributedError,
+    LoraInjectError,
+    MergeError,
+    PatternTimeoutError,
+    TargetNotFoundError,
+    UnsupportedModuleError,
+)
+from .inject import (
+    active_adapters,
+    adapter_configs,
+    delete_adapter,
+    disabled_adapters,
+    inject,
+    lora_layers,
+    lora_state_dict,
+    merge,
+    merge_and_unload,
+    plan,
+    reset_adapters,
+    set_adapter,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+from .io import load_adapter, read_adapter_config, read_adapter_tensors, save_adapter
+from .layers import LoraConv, LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, register
+from .presets import preset
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterExistsError",
+    "AdapterFileError",
+    "AdapterNotFoundError",
+    "ConfigError",
+    "DistributedError",
+    "LoraConfig",
+    "LoraConv",
+    "LoraConv1D",
+    "LoraEmbedding",
+    "LoraInjectError",
+    "LoraLayer",
+    "LoraLinear",
+    "MergeError",
+    "ModulesToSave",
+    "PatternTimeoutError",
+    "TargetNotFoundError",
+    "UnsupportedModuleError",
+    "active_adapters",
+    "adapter_configs",
+    "delete_adapter",
+    "disabled_adapters",
+    "inject",
+    "load_adapter",
+    "lora_layers",
+    "lora_state_dict",
+    "merge",
+    "merge_and_unload",
+    "plan",
+    "preset",
+    "register",
+    "read_adapter_config",
+    "read_adapter_tensors",
+    "reset_adapters",
+    "save_adapter",
+    "set_adapter",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+]

@@ -1,0 +1,130 @@
+"""`LoraConfig`: what to adapt and how, with validation.
+
+Field names are short and Pythonic (``alpha``, ``targets``, ``rslora``); the
+translation to and from PEFT's ``adapter_config.json`` lives in :mod:`lora_inject.peft_format`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Union
+
+import torch
+
+from .errors import ConfigError
+from .matching import TargetSpec, first_pattern_match
+
+BiasMode = Literal["none", "all", "lora_only"]
+InitMode = Union[bool, Literal["kaiming", "gaussian"]]
+TargetsArg = Union[str, TargetSpec, Sequence[TargetSpec], None]
+
+_BIAS_MODES = ("none", "all", "lora_only")
+_INIT_MODES = (True, False, "kaiming", "gaussian")
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    """Everything that decides which modules get an adapter and what it computes.
+
+    Args:
+        r: rank of the update ``B @ A``; A is (r, in), B is (out, r).
+        alpha: the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``).
+        targets: what to wrap. A plain name matches a module whose dotted path equals it or
+            ends with ``.name``; ``"re:<pattern>"`` or a compiled pattern is full-matched
+            against the dotted path; a module type (``nn.Linear``) matches instances;
+            ``"all-linear"`` is every Linear/Conv1D except the output head. ``None`` picks
+            the preset for ``model.config.model_type`` (Hugging Face models).
+        exclude: same forms as ``targets``; matched modules are never wrapped.
+        layers: only modules inside these layer indices (the first ``.<name>.<digits>.``
+            segment of the path, or the one after ``layers_pattern``).
+        rank_pattern / alpha_pattern: ``{pattern: value}`` per-module overrides; a pattern
+            matches a path when ``(.*\\.)?(pattern)$`` does; the first matching key wins.
+        dropout: dropout on the adapter's input only; the base path never sees it.
+        bias: ``"none"`` (all biases frozen), ``"all"`` (every bias trains),
+            ``"lora_only"`` (biases of wrapped layers train and belong to the adapter).
+        modules_to_save: modules trained in full; each adapter keeps its own copy.
+        init: ``True``/``"kaiming"`` (A Kaiming-uniform, B zero), ``"gaussian"``
+            (A ~ N(0, 1/r), B zero), ``False`` (both random: the model changes at once;
+            for tests).
+        adapter_dtype: dtype of the adapter parameters. ``None``: float32 when the base
+            weight is float16/bfloat16 (stable optimizer updates), else the base dtype.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    targets: TargetsArg = None
+    exclude: TargetsArg = None
+    layers: int | Sequence[int] | None = None
+    layers_pattern: str | Sequence[str] | None = None
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    rslora: bool = False
+    dropout: float = 0.0
+    bias: BiasMode = "none"
+    modules_to_save: Sequence[str] | None = None
+    init: InitMode = True
+    adapter_dtype: torch.dtype | None = None
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for any value that cannot work."""
+        _check_rank("r", self.r)
+        _check_alpha("alpha", self.alpha)
+        for pattern, rank in self.rank_pattern.items():
+            _check_rank(f"rank_pattern[{pattern!r}]", rank)
+        for pattern, alpha in self.alpha_pattern.items():
+            _check_alpha(f"alpha_pattern[{pattern!r}]", alpha)
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"dropout must be a float in [0, 1); got {self.dropout!r}.")
+        if self.bias not in _BIAS_MODES:
+            raise ConfigError(f"bias must be one of {_BIAS_MODES}; got {self.bias!r}.")
+        if self.init not in _INIT_MODES:
+            raise ConfigError(f"init must be one of {_INIT_MODES}; got {self.init!r}.")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        if self.adapter_dtype is not None and not (
+            isinstance(self.adapter_dtype, torch.dtype) and self.adapter_dtype.is_floating_point
+        ):
+            raise ConfigError(
+                f"adapter_dtype must be a floating torch.dtype such as torch.float32; got {self.adapter_dtype!r}."
+            )
+        if self.layers is not None:
+            indices = [self.layers] if isinstance(self.layers, int) else list(self.layers)
+            if not indices or not all(isinstance(i, int) and i >= 0 for i in indices):
+                raise ConfigError(f"layers must be non-negative ints; got {self.layers!r}.")
+
+    def rank_for(self, path: str) -> int:
+        """The rank for the module at ``path``: ``rank_pattern``'s first match, else ``r``."""
+        key = first_pattern_match(self.rank_pattern, path)
+        return self.r if key is None else int(self.rank_pattern[key])
+
+    def alpha_for(self, path: str) -> float:
+        """The alpha for the module at ``path``: ``alpha_pattern``'s first match, else ``alpha``."""
+        key = first_pattern_match(self.alpha_pattern, path)
+        return self.alpha if key is None else float(self.alpha_pattern[key])
+
+    def scale_for(self, path: str) -> float:
+        """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) for the module at ``path``."""
+        r = self.rank_for(path)
+        return self.alpha_for(path) / (math.sqrt(r) if self.rslora else r)
+
+    def replace(self, **changes: Any) -> LoraConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_rank(what: str, value: Any) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        raise ConfigError(f"{what} must be a positive int; got {value!r}.")
+
+
+def _check_alpha(what: str, value: Any) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value <= 0:
+        raise ConfigError(f"{what} must be a positive finite number; got {value!r}.")

@@ -1,0 +1,321 @@
+"""Model surgery: inject adapters, switch them, merge them, take them out again."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .errors import AdapterNotFoundError, ConfigError
+from .guards import check_not_distributed
+from .layers import LoraLayer, ModulesToSave
+from .plan import Plan, resolve
+
+_STATE_ATTR = "_lora_inject_configs"  # {adapter name: LoraConfig} kept on the model
+
+
+def _config_from(model: nn.Module, config: LoraConfig | None, overrides: dict[str, Any]) -> LoraConfig:
+    if config is not None and not isinstance(config, LoraConfig):
+        raise ConfigError(f"The second argument must be a LoraConfig; got {type(config).__name__}.")
+    try:
+        config = config.replace(**overrides) if config is not None else LoraConfig(**overrides)
+    except TypeError as exc:
+        raise ConfigError(f"{exc}. Valid fields: {', '.join(LoraConfig.__dataclass_fields__)}.") from None
+    if config.targets is None:
+        from .presets import preset_targets
+
+        config = config.replace(targets=preset_targets(model))
+    return config
+
+
+def plan(model: nn.Module, config: LoraConfig | None = None, *, adapter: str = "default", **overrides: Any) -> Plan:
+    """Dry run of :func:`inject`: what would be wrapped, with shapes and added parameters.
+
+    Changes nothing. ``print(plan(...))`` gives a table.
+    """
+    return resolve(model, _config_from(model, config, overrides), adapter)
+
+
+def inject(
+    model: nn.Module, config: LoraConfig | None = None, *, adapter: str = "default", **overrides: Any
+) -> nn.Module:
+    """Wrap the targeted modules of ``model`` with LoRA adapter ``adapter``, in place; returns ``model``.
+
+    ``overrides`` are :class:`LoraConfig` fields (``targets=[...]``, ``r=8``, ``alpha=16``, ...).
+    Everything is validated before the model changes: a bad target or an unsupported
+    module type raises and leaves the model as it was. Afterwards only the new adapter's
+    parameters (plus biases and ``modules_to_save`` as configured) require grad, and the
+    new adapter is the active one.
+    """
+    check_not_distributed(model, "inject adapters")
+    if not isinstance(adapter, str) or not adapter or "." in adapter:
+        raise ConfigError(f"adapter must be a non-empty name without dots; got {adapter!r}.")
+    config = _config_from(model, config, overrides)
+    return inject_resolved(model, resolve(model, config, adapter), config, adapter)
+
+
+def inject_resolved(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str) -> nn.Module:
+    """Apply a plan made by :func:`lora_inject.plan.resolve` for this model, config and adapter."""
+    _apply(model, resolved, config, adapter)
+    model.requires_grad_(False)
+    getattr_or_set(model).update({adapter: config})
+    set_adapter(model, adapter)
+    _set_bias_trainable(model, config.bias)
+    return model
+
+
+def _apply(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str) -> None:
+    """Attach wrappers and create weights; on any failure undo what was done."""
+    attached: list[tuple[str, nn.Module]] = []  # (path, what was there before)
+    extended: list[nn.Module] = []
+    try:
+        for layer in resolved.layers:
+            wrapper = resolved.wrappers[layer.path]
+            wrapper.add_adapter(
+                adapter, layer.r, layer.alpha, layer.scale, config.dropout, config.init, config.adapter_dtype
+            )
+            extended.append(wrapper)
+            previous = model.get_submodule(layer.path)
+            if previous is not wrapper:
+                _set_submodule(model, layer.path, wrapper)
+                attached.append((layer.path, previous))
+        for path in resolved.modules_to_save:
+            current = model.get_submodule(path)
+            if not isinstance(current, ModulesToSave):
+                current = ModulesToSave(current)
+                _set_submodule(model, path, current)
+                attached.append((path, current.original_module))
+            current.add_adapter(adapter)
+            extended.append(current)
+    except BaseException:
+        for module in extended:
+            if adapter in module.adapter_names:
+                module.delete_adapter(adapter)
+        for path, previous in reversed(attached):
+            _set_submodule(model, path, previous)
+        raise
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, name, module)
+
+
+def getattr_or_set(model: nn.Module) -> dict[str, LoraConfig]:
+    """The ``{adapter: LoraConfig}`` record kept on the model (created empty if missing)."""
+    if not hasattr(model, _STATE_ATTR):
+        object.__setattr__(model, _STATE_ATTR, {})
+    return getattr(model, _STATE_ATTR)
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """``{adapter name: LoraConfig}`` of every adapter injected into ``model``."""
+    return dict(getattr(model, _STATE_ATTR, {}))
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """``(path, wrapper)`` for every LoRA wrapper in the model."""
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield path, module
+
+
+def _adapter_modules(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToSave]]:
+    for path, module in model.named_modules():
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            yield path, module
+
+
+def _require_adapter(model: nn.Module, name: str) -> None:
+    known = getattr(model, _STATE_ATTR, {})
+    if name not in known:
+        raise AdapterNotFoundError(
+            f"No adapter named {name!r} in this model; it has {sorted(known) or 'none'}. "
+            "Inject one with lora_inject.inject(model, ..., adapter=name) or load one with load_adapter."
+        )
+
+
+def set_adapter(model: nn.Module, names: str | Iterable[str]) -> None:
+    """Make ``names`` the active adapter(s): they run in forward and their parameters train."""
+    names = [names] if isinstance(names, str) else list(names)
+    for name in names:
+        _require_adapter(model, name)
+    for _, module in _adapter_modules(model):
+        module.set_active(names)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    for _, layer in lora_layers(model):
+        return list(layer.active_adapters)
+    return []
+
+
+@contextlib.contextmanager
+def disabled_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes as the base model (merged adapters are unmerged first)."""
+    modules = [m for _, m in _adapter_modules(model)]
+    merged = {id(m): list(m.merged_adapters) for m in modules if isinstance(m, LoraLayer)}
+    for module in modules:
+        if isinstance(module, LoraLayer):
+            module.unmerge()
+        module.set_disabled(True)
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.set_disabled(False)
+            if merged.get(id(module)):
+                module.merge(merged[id(module)])
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` everywhere; wrappers left with no adapter are replaced by their base."""
+    _require_adapter(model, name)
+    for path, module in list(_adapter_modules(model)):
+        if name in module.adapter_names:
+            module.delete_adapter(name)
+        if not module.adapter_names:
+            base = module.base_layer if isinstance(module, LoraLayer) else module.original_module
+            _set_submodule(model, path, base)
+    del getattr(model, _STATE_ATTR)[name]
+
+
+def reset_adapters(model: nn.Module, adapter: str | None = None) -> None:
+    """Re-draw adapter weights with their configured init (B zero, so output equals the base).
+
+    Use after building on the meta device: ``inject`` on meta allocates nothing; after
+    ``model.to_empty(device=...)`` and loading the base weights, call this so the
+    adapter starts from the proper init instead of uninitialised memory.
+    """
+    configs = getattr(model, _STATE_ATTR, {})
+    names = [adapter] if adapter else list(configs)
+    for name in names:
+        _require_adapter(model, name)
+        for _, layer in lora_layers(model):
+            if name in layer.r:
+                layer.reset_adapter(name, configs[name].init)
+
+
+def _set_bias_trainable(model: nn.Module, bias: str) -> None:
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                param.requires_grad_(True)
+    elif bias == "lora_only":
+        for _, layer in lora_layers(model):
+            if getattr(layer.base_layer, "bias", None) is not None:
+                layer.base_layer.bias.requires_grad_(True)
+
+
+class ParamCount(NamedTuple):
+    """``(trainable, total)`` parameter counts; ``str()`` gives a one-line summary."""
+
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        share = 100.0 * self.trainable / max(1, self.total)
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {share:.4f}"
+
+
+def trainable_parameters(model: nn.Module) -> ParamCount:
+    """How many parameters train, of how many in all (shared parameters counted once)."""
+    trainable = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    return ParamCount(trainable, total)
+
+
+def lora_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """Adapter ``adapter``'s tensors, keyed as in ``model.state_dict()``.
+
+    Includes LoRA factors, ``modules_to_save`` copies and, with ``bias="lora_only"``/``"all"``,
+    the trained biases, so ``model.load_state_dict(sd, strict=False)`` restores the adapter.
+    """
+    _require_adapter(model, adapter)
+    config = getattr(model, _STATE_ATTR)[adapter]
+    out: dict[str, torch.Tensor] = {}
+    for path, module in _adapter_modules(model):
+        if adapter not in module.adapter_names:
+            continue
+        containers = module.adapter_param_names if isinstance(module, LoraLayer) else ("modules_to_save",)
+        for container in containers:
+            prefix = f"{path}.{container}.{adapter}"
+            item = getattr(module, container)[adapter]
+            if isinstance(item, nn.Parameter):
+                out[prefix] = item.detach()
+            else:
+                out.update({f"{prefix}.{k}": v for k, v in item.state_dict().items()})
+        if config.bias == "lora_only" and isinstance(module, LoraLayer):
+            bias = getattr(module.base_layer, "bias", None)
+            if bias is not None:
+                out[f"{path}.base_layer.bias"] = bias.detach()
+    if config.bias == "all":
+        out.update({k: v.detach() for k, v in model.state_dict().items() if k == "bias" or k.endswith(".bias")})
+    return out
+
+
+# ----- merging ------------------------------------------------------------------------------
+def merge(model: nn.Module, adapters: str | Iterable[str] | None = None, *, safe: bool = True) -> None:
+    """Fold adapters (default: the active ones) into the base weights; the wrappers stay.
+
+    Computed in float32, cast back once. Already-merged adapters are skipped (with a warning),
+    never added twice. ``safe=True`` checks every merged weight for NaN/inf before writing any.
+    """
+    names = None if adapters is None else ([adapters] if isinstance(adapters, str) else list(adapters))
+    for name in names or ():
+        _require_adapter(model, name)
+    layers = [layer for _, layer in lora_layers(model)]
+    if safe:
+        for layer in layers:
+            for name in names if names is not None else layer.active_adapters:
+                if name in layer.r and name not in layer.merged_adapters:
+                    layer.merged_weight(name, check_finite=True)
+    for layer in layers:
+        layer.merge([n for n in (names if names is not None else layer.active_adapters) if n in layer.r])
+
+
+def unmerge(model: nn.Module) -> None:
+    """Subtract every merged adapter from the base weights again."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def _unwrap(model: nn.Module, keep_merged: bool) -> nn.Module:
+    for path, module in list(_adapter_modules(model)):
+        if isinstance(module, LoraLayer):
+            if not keep_merged:
+                module.unmerge()
+            replacement = module.base_layer
+        else:
+            use_copy = keep_merged and module.active_adapter is not None
+            replacement = module.modules_to_save[module.active_adapter] if use_copy else module.original_module
+        replacement.requires_grad_(False)
+        _set_submodule(model, path, replacement)
+    if hasattr(model, _STATE_ATTR):
+        object.__delattr__(model, _STATE_ATTR)
+    from .hooks import remove_hooks
+
+    remove_hooks(model)
+    return model
+
+
+def merge_and_unload(model: nn.Module, adapters: str | Iterable[str] | None = None, *, safe: bool = True) -> nn.Module:
+    """Merge adapters (default: the active ones) and return the plain model, with the original module types.
+
+    ``modules_to_save`` are replaced by the active adapter's trained copy. With ``safe=True``
+    (the default) nothing is written if any merged weight would hold NaN/inf.
+    """
+    check_not_distributed(model, "merge adapters")
+    merge(model, adapters, safe=safe)
+    return _unwrap(model, keep_merged=True)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter and return the plain model with its original weights (merged adapters are subtracted)."""
+    return _unwrap(model, keep_merged=False)

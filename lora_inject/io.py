@@ -1,0 +1,289 @@
+"""Adapter folders on disk: PEFT's ``adapter_model.safetensors`` + ``adapter_config.json``.
+
+Saving is atomic (temporary files in the target folder, then renames). Loading is
+transactional: the whole folder is read and checked against the model before the model
+changes, so a bad file leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import LoraConfig
+from .errors import AdapterFileError, LoraInjectError, preview
+from .guards import check_not_distributed
+from .inject import _require_adapter, adapter_configs, delete_adapter, inject_resolved, lora_state_dict
+from .peft_format import PEFT_PREFIX, disk_key, from_peft_dict, to_peft_dict
+from .plan import Plan, logical_modules, resolve
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+CONFIG_NAME = "adapter_config.json"
+
+
+# ----- saving -------------------------------------------------------------------------------
+def adapter_tensors(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors keyed as in PEFT's files (``base_model.model.<path>.lora_A.weight``)."""
+    out = {}
+    for key, tensor in lora_state_dict(model, adapter).items():
+        if tensor.device.type == "meta":
+            raise AdapterFileError(
+                f"{key} is on the meta device (no data). Materialise the model (to_empty + load weights, "
+                "then reset_adapters) before saving."
+            )
+        out[PEFT_PREFIX + disk_key(key, adapter)] = tensor.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = "default") -> Path:
+    """Write ``adapter`` to ``directory`` as PEFT does; returns the folder.
+
+    Only adapter tensors are written (plus ``modules_to_save`` and trained biases), never the
+    base weights. An interrupted save leaves any previous adapter in the folder intact.
+    """
+    _require_adapter(model, adapter)
+    from . import __version__
+
+    config = adapter_configs(model)[adapter]
+    tensors = adapter_tensors(model, adapter)
+    peft_config = to_peft_dict(model, adapter, config)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt", "lora_inject_version": __version__}
+    config_text = json.dumps(peft_config, indent=2, sort_keys=True)
+    tmp_weights = _atomic_tmp(directory, WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=metadata))
+    try:
+        tmp_config = _atomic_tmp(directory, CONFIG_NAME, lambda p: Path(p).write_text(config_text, encoding="utf-8"))
+    except BaseException:
+        os.unlink(tmp_weights)
+        raise
+    os.replace(tmp_weights, directory / WEIGHTS_NAME)
+    os.replace(tmp_config, directory / CONFIG_NAME)
+    return directory
+
+
+def _atomic_tmp(directory: Path, final_name: str, write: Callable[[str], object]) -> str:
+    """Write to a fresh temporary file next to ``final_name``, fsync it, and return its path."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{final_name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+# ----- reading ------------------------------------------------------------------------------
+def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
+    """The :class:`LoraConfig` of an adapter folder (ours or PEFT's)."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterFileError(
+            f"No {CONFIG_NAME} in {str(directory)!r}: expected a PEFT adapter folder "
+            f"({CONFIG_NAME} + {WEIGHTS_NAME}). Found: {preview(_listing(directory)) or 'nothing'}."
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFileError(f"{path} is not valid JSON ({exc}). The file is damaged; re-save the adapter.") from None
+    return from_peft_dict(data, str(path))
+
+
+def _listing(directory: str | os.PathLike) -> list[str]:
+    try:
+        return [p.name for p in Path(directory).iterdir()]
+    except OSError:
+        return []
+
+
+def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter folder, keys without the ``base_model.model.`` prefix.
+
+    Reads safetensors; an old ``adapter_model.bin`` only through ``torch.load(weights_only=True)``.
+    """
+    directory = Path(directory)
+    if (directory / WEIGHTS_NAME).is_file():
+        tensors = _read_safetensors(directory / WEIGHTS_NAME)
+    elif (directory / LEGACY_WEIGHTS_NAME).is_file():
+        tensors = _read_legacy_bin(directory / LEGACY_WEIGHTS_NAME)
+    else:
+        raise AdapterFileError(
+            f"No {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}) in {str(directory)!r}. "
+            f"Found: {preview(_listing(directory)) or 'nothing'}."
+        )
+    return {key.removeprefix(PEFT_PREFIX): value for key, value in tensors.items()}
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterFileError(
+            f"{path} is not a readable safetensors file ({exc}). It is truncated or corrupt; re-save or "
+            "re-download the adapter."
+        ) from None
+
+
+def _read_legacy_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise AdapterFileError(
+            f"{path} could not be read with torch.load(weights_only=True) ({type(exc).__name__}: {exc}). "
+            "It is corrupt, or holds pickled objects other than tensors, which lora_inject never unpickles."
+        ) from None
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise AdapterFileError(f"{path} does not hold a flat {{name: tensor}} dict.")
+    return data
+
+
+# ----- loading ------------------------------------------------------------------------------
+def _expected(model: nn.Module, resolved: Plan, config: LoraConfig) -> tuple[dict, dict]:
+    """``{disk key: (shape, target)}`` for the tensors the file must hold, and for those it may hold.
+
+    Optional: trained biases (``bias`` != "none") and the full base weight of a targeted
+    embedding, which PEFT writes ("save_embedding_layers") in case the vocabulary was resized.
+    """
+    required: dict[str, tuple[tuple[int, ...], tuple]] = {}
+    optional: dict[str, tuple[tuple[int, ...], tuple]] = {}
+    for layer in resolved.layers:
+        wrapper = resolved.wrappers[layer.path]
+        for suffix, shape in wrapper.factor_shapes(layer.r).items():
+            required[f"{layer.path}.{suffix}"] = (shape, ("factor", wrapper, suffix))
+        base = wrapper.base_layer
+        optional[f"{layer.path}.base_layer.weight"] = (tuple(base.weight.shape), ("tensor", base.weight))
+        if config.bias != "none" and isinstance(getattr(base, "bias", None), torch.Tensor):
+            optional[f"{layer.path}.base_layer.bias"] = (tuple(base.bias.shape), ("tensor", base.bias))
+    for path in resolved.modules_to_save:
+        module = model.get_submodule(path)
+        original = getattr(module, "original_module", module)
+        for key, value in original.state_dict().items():
+            required[f"{path}.{key}"] = (tuple(value.shape), ("save", path, key))
+    if config.bias == "all":
+        for path, module, wrapper in logical_modules(model):
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor) and wrapper is None and path not in resolved.wrappers:
+                optional[f"{path}.bias"] = (tuple(bias.shape), ("tensor", bias))
+    return required, optional
+
+
+_LORA_SUFFIXES = (
+    ".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B", ".base_layer.bias",
+    ".base_layer.weight",
+)
+
+
+def _module_of(key: str) -> str:
+    """The module path a disk key belongs to (``a.b.lora_A.weight`` -> ``a.b``)."""
+    for suffix in _LORA_SUFFIXES:
+        if key.endswith(suffix):
+            return key.removesuffix(suffix)
+    return key.rpartition(".")[0]
+
+
+def _check_tensors(
+    model: nn.Module, tensors: dict, required: dict, optional: set, config: LoraConfig, strict: bool, where: str
+) -> None:
+    missing = sorted(required.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - required.keys() - optional.keys())
+    known = {**optional, **required}
+    mismatched = [
+        f"{k}: file {tuple(tensors[k].shape)}, model expects {known[k][0]}"
+        for k in sorted(known.keys() & tensors.keys())
+        if tuple(tensors[k].shape) != tuple(known[k][0])
+    ]
+    not_float = [k for k in tensors if not tensors[k].is_floating_point()]
+    if not_float:
+        raise AdapterFileError(f"{where}: tensors that are not floating point: {preview(not_float)}.")
+    known_paths = {path for path, _, _ in logical_modules(model)}
+    if unexpected and not any(_module_of(k) in known_paths for k in unexpected):
+        raise AdapterFileError(
+            f"{where}: the file names modules this model does not have: {preview(unexpected)}. The adapter was "
+            "probably trained on another architecture; load it into the model it was made for."
+        )
+    if mismatched:
+        hint = _rank_hint(tensors, required, config)
+        raise AdapterFileError(f"{where}: shape mismatch: {preview(mismatched, 3)}.{hint}")
+    problems = []
+    if missing:
+        problems.append(f"missing keys (the config targets them, the file lacks them): {preview(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys (in the file, not targeted by the config): {preview(unexpected)}")
+    if problems and strict:
+        raise AdapterFileError(
+            f"{where}: " + "; ".join(problems) + ". The file and its config disagree. Pass strict=False to load "
+            "anyway (missing adapters start at their init, i.e. no change; unexpected tensors are ignored)."
+        )
+    if problems:
+        warnings.warn(f"{where}: " + "; ".join(problems) + ".", stacklevel=3)
+
+
+def _rank_hint(tensors: dict, required: dict, config: LoraConfig) -> str:
+    for key, (shape, _) in required.items():
+        if key.endswith(("lora_A.weight", "lora_embedding_A")) and key in tensors:
+            file_rank = tensors[key].shape[0]
+            if file_rank != shape[0]:
+                return (
+                    f" The config gives rank {shape[0]} for {key.rsplit('.', 2)[0]!r} but its tensors have rank "
+                    f"{file_rank}: r/rank_pattern in {CONFIG_NAME} disagree with the weights."
+                )
+    return ""
+
+
+def load_adapter(
+    model: nn.Module, directory: str | os.PathLike, adapter: str = "default", *, strict: bool = True
+) -> nn.Module:
+    """Inject the adapter saved in ``directory`` (ours or PEFT's) into ``model`` and load its weights.
+
+    Everything is read and checked first; on any error the model is left exactly as it was.
+    The loaded adapter becomes the active one and its parameters require grad (to resume
+    training); call ``model.requires_grad_(False)`` for inference.
+    """
+    where = str(directory)
+    config = read_adapter_config(directory)
+    tensors = read_adapter_tensors(directory)
+    try:
+        resolved = resolve(model, config, adapter)
+    except AdapterFileError:
+        raise
+    except LoraInjectError as exc:
+        raise type(exc)(f"{where}: the adapter's config does not fit this model. {exc}") from None
+    required, optional = _expected(model, resolved, config)
+    _check_tensors(model, tensors, required, optional, config, strict, where)
+    check_not_distributed(model, "load an adapter")
+    inject_resolved(model, resolved, config, adapter)
+    try:
+        _copy_in(model, tensors, {**optional, **required}, adapter)
+    except BaseException:
+        delete_adapter(model, adapter)
+        raise
+    return model
+
+
+def _copy_in(model: nn.Module, tensors: dict, targets: dict, adapter: str) -> None:
+    with torch.no_grad():
+        for key, (_, target) in targets.items():
+            if key not in tensors:
+                continue
+            kind = target[0]
+            if kind == "factor":
+                param = target[1].factor(adapter, target[2])
+            elif kind == "save":
+                param = model.get_submodule(target[1]).modules_to_save[adapter].state_dict(keep_vars=True)[target[2]]
+            else:
+                param = target[1]
+            param.data.copy_(tensors[key])

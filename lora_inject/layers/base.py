@@ -1,0 +1,204 @@
+"""`LoraLayer`: the wrapper every adapted module is. Merge, unmerge and forward live here, once.
+
+A wrapper holds the frozen original as ``base_layer`` and, per adapter name, two
+low-rank factors. Subclasses say only how to build the factors, how to run them on
+an input, and how their product maps onto the base weight.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import AdapterExistsError, AdapterNotFoundError, MergeError
+
+
+class LoraLayer(nn.Module):
+    """Base class of all LoRA wrappers.
+
+    ``forward(x) = base_layer(x) + sum over active, unmerged adapters of scale * B(A(dropout(x)))``.
+
+    Subclasses implement :meth:`_create_factors`, :meth:`_init_factors`,
+    :meth:`_lora_forward` and :meth:`_delta_from_factors`, and list the names of their
+    per-adapter containers in ``adapter_param_names``.
+    """
+
+    adapter_param_names: tuple[str, ...] = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: tuple[str, ...] = ()
+        self.merged_adapters: list[str] = []
+        self.adapters_disabled = False
+        # adapters that run in forward: active, not merged; recomputed on each state change
+        self._running: tuple[str, ...] = ()
+
+    # ----- what subclasses provide -----------------------------------------------------------
+    def _create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def _init_factors(self, name: str, init: bool | str) -> None:
+        raise NotImplementedError
+
+    def _lora_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``scale * B(A(dropout(x)))``, shaped like ``base_layer(x)``, in x's dtype."""
+        raise NotImplementedError
+
+    def _delta_from_factors(self, name: str) -> torch.Tensor:
+        """``scale * B @ A`` in float32, shaped like the base weight."""
+        raise NotImplementedError
+
+    def factor_shapes(self, r: int) -> dict[str, tuple[int, ...]]:
+        """``{key suffix as stored on disk: shape}`` of one adapter's factors at rank ``r``."""
+        raise NotImplementedError
+
+    # ----- adapters ---------------------------------------------------------------------------
+    def factor(self, name: str, suffix: str) -> torch.Tensor:
+        """The parameter stored on disk under ``<path>.<suffix>`` (e.g. ``lora_A.weight``) for adapter ``name``."""
+        container, _, rest = suffix.partition(".")
+        item = getattr(self, container)[name]
+        return getattr(item, rest) if rest else item
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        scale: float,
+        dropout: float = 0.0,
+        init: bool | str = True,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Create adapter ``name`` on the base weight's device; B (or A for embeddings) is zero."""
+        if name in self.r:
+            raise AdapterExistsError(f"Adapter {name!r} already exists on this layer.")
+        weight = self.base_weight
+        dtype = dtype or default_adapter_dtype(weight.dtype)
+        self.r[name], self.lora_alpha[name], self.scaling[name] = r, alpha, scale
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._create_factors(name, r, dtype, weight.device)
+        if weight.device.type != "meta":
+            self._init_factors(name, init)
+
+    def reset_adapter(self, name: str, init: bool | str = True) -> None:
+        """Re-draw the factors of ``name`` (e.g. after ``to_empty`` on a meta-built model)."""
+        self._require(name)
+        with torch.no_grad():
+            self._init_factors(name, init)
+
+    def delete_adapter(self, name: str) -> None:
+        self._require(name)
+        if name in self.merged_adapters:
+            raise MergeError(f"Adapter {name!r} is merged into the weights; unmerge it before deleting it.")
+        for container in self.adapter_param_names:
+            del getattr(self, container)[name]
+        del self.lora_dropout[name], self.r[name], self.lora_alpha[name], self.scaling[name]
+        self.set_active([a for a in self.active_adapters if a != name])
+
+    def adapter_parameters(self, name: str) -> Iterable[nn.Parameter]:
+        for container in self.adapter_param_names:
+            yield from _params_of(getattr(self, container)[name])
+
+    def set_active(self, names: Iterable[str]) -> None:
+        names = tuple(n for n in names if n in self.r)
+        self.active_adapters = names
+        for name in self.r:
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(name in names)
+        self._refresh_running()
+
+    def _refresh_running(self) -> None:
+        self._running = () if self.adapters_disabled else tuple(
+            n for n in self.active_adapters if n not in self.merged_adapters
+        )
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.adapters_disabled = disabled
+        self._refresh_running()
+
+    def _require(self, name: str) -> None:
+        if name not in self.r:
+            raise AdapterNotFoundError(f"No adapter {name!r} on this layer; it has {self.adapter_names}.")
+
+    # ----- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self._running:
+            result = result + self._lora_forward(name, x)
+        return result
+
+    # ----- merge ------------------------------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scale * B @ A`` in float32, shaped like the base weight."""
+        self._require(name)
+        return self._delta_from_factors(name)
+
+    def merged_weight(self, name: str, check_finite: bool = False) -> torch.Tensor:
+        """``W + delta`` computed in float32 and cast back to W's dtype once."""
+        weight = self.base_weight
+        merged = (weight.detach().float() + self.delta_weight(name)).to(weight.dtype)
+        if check_finite and not torch.isfinite(merged).all():
+            raise MergeError(
+                f"Merging adapter {name!r} would write NaN or inf into a {weight.dtype} weight of shape "
+                f"{tuple(weight.shape)}: the adapter is broken or the sum overflows {weight.dtype}. "
+                "Inspect the adapter's weights, or merge in a wider dtype."
+            )
+        return merged
+
+    def merge(self, names: Iterable[str] | None = None, check_finite: bool = False) -> list[str]:
+        """Fold adapters (default: the active ones) into the base weight. Already merged: skipped."""
+        names = list(self.active_adapters if names is None else names)
+        done = []
+        for name in names:
+            if name in self.merged_adapters:
+                warnings.warn(f"Adapter {name!r} is already merged; merging it again is a no-op.", stacklevel=3)
+                continue
+            merged = self.merged_weight(name, check_finite)
+            with torch.no_grad():
+                self.base_weight.copy_(merged)
+            self.merged_adapters.append(name)
+            done.append(name)
+        self._refresh_running()
+        return done
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter again, last merged first, in float32."""
+        weight = self.base_weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            with torch.no_grad():
+                weight.copy_((weight.float() - self.delta_weight(name)).to(weight.dtype))
+        self._refresh_running()
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())
+        return f"adapters=({ranks}), active={list(self.active_adapters)}, merged={self.merged_adapters}"
+
+
+def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """float32 master weights for half-precision (and quantized) bases, else the base dtype."""
+    if base_dtype in (torch.float16, torch.bfloat16) or not base_dtype.is_floating_point:
+        return torch.float32
+    return base_dtype
+
+
+def _params_of(item: nn.Module | nn.Parameter) -> Iterable[nn.Parameter]:
+    if isinstance(item, nn.Parameter):
+        return [item]
+    return item.parameters()

@@ -1,0 +1,63 @@
+"""LoRA for nn.Embedding: A zero and B normal, the reverse of Linear, as in the original code."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UnsupportedModuleError
+from .base import LoraLayer
+
+
+class LoraEmbedding(LoraLayer):
+    """``y = E[x] + scale * (A.T[x] @ B.T)``.
+
+    Shapes: x (...) token ids; A ``lora_embedding_A[name]`` (r, num_embeddings);
+    B ``lora_embedding_B[name]`` (embedding_dim, r). The lookup into A.T honours the
+    base's ``padding_idx`` (that row gets no gradient, so it stays zero and the padding
+    embedding never moves) and ``scale_grad_by_freq``.
+    """
+
+    adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        if base_layer.max_norm is not None:
+            raise UnsupportedModuleError(
+                f"Embedding with max_norm={base_layer.max_norm} is not supported: it renormalises rows in place "
+                "on every lookup, so adapted and merged outputs would differ. Exclude this embedding."
+            )
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+
+    def factor_shapes(self, r: int) -> dict[str, tuple[int, ...]]:
+        return {"lora_embedding_A": (r, self.in_features), "lora_embedding_B": (self.out_features, r)}
+
+    def _create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        kw = {"dtype": dtype, "device": device}
+        self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, self.in_features, **kw))
+        self.lora_embedding_B[name] = nn.Parameter(torch.zeros(self.out_features, r, **kw))
+
+    def _init_factors(self, name: str, init: bool | str) -> None:
+        with torch.no_grad():
+            if init is False:
+                nn.init.normal_(self.lora_embedding_A[name])
+            else:
+                nn.init.zeros_(self.lora_embedding_A[name])
+            nn.init.normal_(self.lora_embedding_B[name])
+
+    def _lora_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        after_a = F.embedding(
+            x, self.lora_embedding_A[name].T, padding_idx=base.padding_idx,
+            scale_grad_by_freq=base.scale_grad_by_freq,
+        )  # (..., r)
+        out_dtype = base.weight.dtype if base.weight.is_floating_point() else after_a.dtype
+        b = (self.lora_embedding_B[name] * self.scaling[name]).to(out_dtype)
+        return after_a.to(out_dtype) @ b.T  # (..., embedding_dim)
+
+    def _delta_from_factors(self, name: str) -> torch.Tensor:
+        a, b = self.lora_embedding_A[name].float(), self.lora_embedding_B[name].float()
+        return (b @ a).T * self.scaling[name]  # (num_embeddings, embedding_dim)

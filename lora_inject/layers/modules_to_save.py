@@ -1,0 +1,58 @@
+"""`ModulesToSave`: a module trained in full, one copy per adapter (PEFT's layout and key names)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..errors import AdapterExistsError, AdapterNotFoundError
+
+
+class ModulesToSave(nn.Module):
+    """Holds the untouched ``original_module`` and a trainable copy per adapter in ``modules_to_save``.
+
+    Forward runs the active adapter's copy, or the original when none is active.
+    """
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.adapters_disabled = False
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def add_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            raise AdapterExistsError(f"Adapter {name!r} already has a trainable copy of this module.")
+        self.original_module.requires_grad_(False)
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.modules_to_save:
+            raise AdapterNotFoundError(f"No adapter {name!r} on this module.")
+        del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def adapter_parameters(self, name: str):
+        return self.modules_to_save[name].parameters()
+
+    def set_active(self, names) -> None:
+        names = [n for n in names if n in self.modules_to_save]
+        self.active_adapter = names[0] if names else None
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(name == self.active_adapter)
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.adapters_disabled = disabled
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        if self.active_adapter is None or self.adapters_disabled:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[self.active_adapter](*args, **kwargs)

@@ -1,0 +1,234 @@
+"""Which module paths a target spec selects, and why a target missed.
+
+Pure logic over dotted paths (``model.layers.3.self_attn.q_proj``) and module
+types; no model surgery happens here.
+
+Semantics (the same as PEFT's list form, so adapter configs mean the same thing):
+
+* a plain name matches a path equal to it or ending with ``.name``;
+  ``"q_proj"`` matches ``layers.0.self_attn.q_proj`` but ``"q"`` does not;
+* ``"re:<pattern>"`` or a compiled pattern is full-matched against the whole path,
+  with the ``regex`` package and a timeout, since patterns may come from files;
+* a module type matches instances of it (subclasses too);
+* ``"all-linear"`` matches every Linear and transformers ``Conv1D`` except the output head.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+import regex
+from torch import nn
+
+from .errors import ConfigError, PatternTimeoutError
+
+REGEX_PREFIX = "re:"
+ALL_LINEAR = "all-linear"
+REGEX_TIMEOUT_S = 0.5
+
+TargetSpec = Union[str, type, "re.Pattern[str]", "regex.Pattern"]
+
+
+def _compile(pattern: str, flags: int = 0) -> regex.Pattern:
+    try:
+        return regex.compile(pattern, flags)
+    except regex.error as exc:
+        raise ConfigError(f"Invalid regular expression {pattern!r}: {exc}.") from exc
+
+
+def _timed(call, pattern: str, path: str):
+    try:
+        return call(path, timeout=REGEX_TIMEOUT_S)
+    except TimeoutError as exc:
+        raise PatternTimeoutError(
+            f"The pattern {pattern!r} took over {REGEX_TIMEOUT_S}s to match {path!r}: it backtracks "
+            "catastrophically (nested quantifiers such as '(a+)+'). Rewrite it without nested "
+            "repetition, or list the module names instead."
+        ) from exc
+
+
+@dataclass(frozen=True)
+class NameTarget:
+    """Exact path or dotted-suffix match."""
+
+    name: str
+
+    def matches(self, path: str, module: nn.Module) -> bool:
+        return path == self.name or path.endswith("." + self.name)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class RegexTarget:
+    """Full match of a regular expression against the whole dotted path."""
+
+    compiled: regex.Pattern
+
+    @classmethod
+    def from_string(cls, pattern: str, flags: int = 0) -> RegexTarget:
+        return cls(_compile(pattern, flags))
+
+    @property
+    def pattern(self) -> str:
+        return self.compiled.pattern
+
+    def matches(self, path: str, module: nn.Module) -> bool:
+        return _timed(self.compiled.fullmatch, self.pattern, path) is not None
+
+    def __str__(self) -> str:
+        return REGEX_PREFIX + self.pattern
+
+
+@dataclass(frozen=True)
+class TypeTarget:
+    """Every instance of a module type."""
+
+    module_type: type
+
+    def matches(self, path: str, module: nn.Module) -> bool:
+        return isinstance(module, self.module_type)
+
+    def __str__(self) -> str:
+        return self.module_type.__name__
+
+
+@dataclass(frozen=True)
+class AllLinearTarget:
+    """Every Linear-like layer except the output head (whose paths are given)."""
+
+    head_paths: frozenset[str] = frozenset()
+
+    def matches(self, path: str, module: nn.Module) -> bool:
+        return is_linear_like(module) and path not in self.head_paths
+
+    def __str__(self) -> str:
+        return ALL_LINEAR
+
+
+Target = Union[NameTarget, RegexTarget, TypeTarget, AllLinearTarget]
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear or transformers' Conv1D (GPT-2's Linear with a transposed weight)."""
+    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def parse_target(spec: TargetSpec) -> Target:
+    """Turn one user-facing spec into a matcher."""
+    if isinstance(spec, (NameTarget, RegexTarget, TypeTarget, AllLinearTarget)):
+        return spec
+    if isinstance(spec, type) and issubclass(spec, nn.Module):
+        return TypeTarget(spec)
+    if isinstance(spec, (re.Pattern, regex.Pattern)):
+        return RegexTarget.from_string(spec.pattern, spec.flags & ~re.UNICODE)
+    if isinstance(spec, str):
+        if spec == ALL_LINEAR:
+            return AllLinearTarget()
+        if spec.startswith(REGEX_PREFIX):
+            return RegexTarget.from_string(spec[len(REGEX_PREFIX):])
+        if not spec or spec.strip() != spec:
+            raise ConfigError(f"A target name must be a non-empty string without spaces; got {spec!r}.")
+        return NameTarget(spec)
+    raise ConfigError(
+        f"A target must be a module name, 're:<regex>', a compiled pattern, an nn.Module type or "
+        f"'all-linear'; got {spec!r} ({type(spec).__name__})."
+    )
+
+
+def parse_targets(specs: TargetSpec | Sequence[TargetSpec] | None) -> list[Target]:
+    """A list of matchers from a single spec, a list of specs, or None (empty)."""
+    if specs is None:
+        return []
+    if isinstance(specs, (str, type, re.Pattern, regex.Pattern)):
+        specs = [specs]
+    targets = [parse_target(s) for s in specs]
+    if not targets:
+        raise ConfigError("targets is empty: name at least one module, type or pattern.")
+    return targets
+
+
+def with_head(targets: list[Target], head_paths: Iterable[str]) -> list[Target]:
+    """Tell any ``all-linear`` target which paths are the output head."""
+    heads = frozenset(head_paths)
+    return [AllLinearTarget(heads) if isinstance(t, AllLinearTarget) else t for t in targets]
+
+
+_FIRST_LAYER_INDEX = regex.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
+
+
+def layer_index(path: str, layers_pattern: str | Sequence[str] | None = None) -> int | None:
+    """The layer index of a path: the first numbered segment (after ``layers_pattern`` if given).
+
+    ``model.layers.3.mlp.experts.0.up`` is in layer 3, not 0.
+    """
+    if not layers_pattern:
+        match = _FIRST_LAYER_INDEX.match(path)
+    else:
+        names = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = None
+        for name in names:
+            match = regex.match(rf"(?:^|.*?\.){name}\.(?P<idx>\d+)\.", path)
+            if match:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def first_pattern_match(patterns: Mapping[str, object], path: str) -> str | None:
+    """The first key of ``patterns`` that matches ``path`` as ``(.*\\.)?(key)$`` (PEFT's rule)."""
+    for key in patterns:
+        compiled = _compile(rf"(.*\.)?({key})$")
+        if _timed(compiled.match, key, path):
+            return key
+    return None
+
+
+def select(
+    named_modules: Iterable[tuple[str, nn.Module]],
+    targets: list[Target],
+    exclude: list[Target] = (),
+    layers: Sequence[int] | None = None,
+    layers_pattern: str | Sequence[str] | None = None,
+) -> tuple[list[tuple[str, nn.Module]], list[Target]]:
+    """The modules the targets pick, in model order, and the targets that picked nothing."""
+    wanted = set(layers) if layers is not None else None
+    chosen, hit = [], set()
+    for path, module in named_modules:
+        if not path:
+            continue
+        matched = [t for t in targets if t.matches(path, module)]
+        if not matched:
+            continue
+        hit.update(matched)
+        if any(t.matches(path, module) for t in exclude):
+            continue
+        if wanted is not None and layer_index(path, layers_pattern) not in wanted:
+            continue
+        chosen.append((path, module))
+    return chosen, [t for t in targets if t not in hit]
+
+
+def explain_misses(missed: list[Target], named_modules: Sequence[tuple[str, nn.Module]]) -> str:
+    """For each target that matched nothing, the closest module names and the types present."""
+    paths = [p for p, _ in named_modules if p]
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    types = sorted({type(m).__name__ for _, m in named_modules})
+    lines = []
+    for target in missed:
+        probe = str(target).removeprefix(REGEX_PREFIX)
+        close = difflib.get_close_matches(probe.rsplit(".", 1)[-1], leaves, n=5, cutoff=0.5)
+        close += difflib.get_close_matches(probe, paths, n=3, cutoff=0.6)
+        hint = ", ".join(dict.fromkeys(close)) or "none"
+        lines.append(f"  - {str(target)!r} matched nothing; closest names: {hint}")
+    lines.append(f"  module types present: {', '.join(types)}")
+    return "\n".join(lines)

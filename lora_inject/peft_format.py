@@ -1,0 +1,150 @@
+"""Translate between :class:`LoraConfig` and PEFT's ``adapter_config.json``, and between key names.
+
+On disk (PEFT's format) the adapter name is not part of a key:
+``base_model.model.<path>.lora_A.weight``; in memory it is: ``<path>.lora_A.<adapter>.weight``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .config import LoraConfig
+from .errors import AdapterFileError
+from .layers import LoraConv1D
+from .matching import ALL_LINEAR, REGEX_PREFIX, NameTarget, select
+from .plan import logical_modules
+
+PEFT_PREFIX = "base_model.model."
+LORA_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "modules_to_save")
+# PEFT features that change what an adapter computes and that lora_inject does not implement
+_UNSUPPORTED = {
+    "use_dora": "DoRA (weight-decomposed LoRA)",
+    "lora_bias": "a trainable bias on lora_B",
+    "target_parameters": "LoRA on raw nn.Parameters",
+    "trainable_token_indices": "trainable token embeddings",
+    "layer_replication": "layer replication",
+    "use_alora": "activated LoRA",
+    "use_qalora": "QA-LoRA",
+}
+# inits that change the *base* weights, so the saved adapter alone does not reproduce the model
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+def disk_key(memory_key: str, adapter: str) -> str:
+    """``x.lora_A.<adapter>.weight`` -> ``x.lora_A.weight``; ``x.modules_to_save.<adapter>.w`` -> ``x.w``."""
+    parts = memory_key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in LORA_CONTAINERS and parts[i + 1] == adapter:
+            if part == "modules_to_save":
+                return ".".join(parts[:i] + parts[i + 2:])
+            return ".".join(parts[: i + 1] + parts[i + 2:])
+    return memory_key
+
+
+def _peft_targets(model: nn.Module, adapter: str, config: LoraConfig) -> list[str]:
+    """The adapter's wrapped paths in PEFT's list form: leaf names when they select exactly these
+    paths under PEFT's rules, else the full paths (always exact)."""
+    paths = sorted(p for p, _, w in logical_modules(model) if w is not None and adapter in getattr(w, "r", {}))
+    named = [(p, m) for p, m, _ in logical_modules(model)]
+    names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    exclude = [NameTarget(m) for m in config.modules_to_save or ()]
+    layers = [config.layers] if isinstance(config.layers, int) else config.layers
+    chosen, _ = select(named, [NameTarget(n) for n in names], exclude, layers, config.layers_pattern)
+    return names if sorted(p for p, _ in chosen) == paths else paths
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def to_peft_dict(model: nn.Module, adapter: str, config: LoraConfig) -> dict[str, Any]:
+    """PEFT's adapter_config.json fields for ``adapter`` as injected into ``model``."""
+    fan_in_fan_out = any(
+        isinstance(w, LoraConv1D) for _, _, w in logical_modules(model) if w is not None and adapter in w.r
+    )
+    init = config.init if config.init in (True, False, "gaussian") else True
+    layers = [config.layers] if isinstance(config.layers, int) else config.layers
+    return {
+        "peft_type": "LORA",
+        "task_type": config.task_type,
+        "base_model_name_or_path": config.base_model_name_or_path,
+        "r": config.r,
+        "lora_alpha": _number(config.alpha),
+        "lora_dropout": float(config.dropout),
+        "target_modules": _peft_targets(model, adapter, config),
+        "exclude_modules": None,
+        "bias": config.bias,
+        "fan_in_fan_out": fan_in_fan_out,
+        "use_rslora": bool(config.rslora),
+        "rank_pattern": {k: int(v) for k, v in config.rank_pattern.items()},
+        "alpha_pattern": {k: _number(v) for k, v in config.alpha_pattern.items()},
+        "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
+        "layers_to_transform": list(layers) if layers is not None else None,
+        "layers_pattern": config.layers_pattern,
+        "init_lora_weights": init,
+        "inference_mode": True,
+        "use_dora": False,
+        "lora_bias": False,
+        "revision": None,
+    }
+
+
+def _targets_from_peft(value: Any, field: str) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value if value == ALL_LINEAR else REGEX_PREFIX + value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise AdapterFileError(f"adapter_config.json: {field} must be a string or a list of strings; got {value!r}.")
+
+
+def from_peft_dict(data: Any, source: str = "adapter_config.json") -> LoraConfig:
+    """A :class:`LoraConfig` from PEFT's config fields; refuses what would load wrong."""
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{source}: expected a JSON object; found {type(data).__name__}.")
+    peft_type = data.get("peft_type")
+    if peft_type != "LORA":
+        raise AdapterFileError(
+            f"{source}: peft_type is {peft_type!r}; lora_inject reads LoRA adapters only (peft_type 'LORA')."
+        )
+    for key, what in _UNSUPPORTED.items():
+        if data.get(key):
+            raise AdapterFileError(
+                f"{source}: {key}={data[key]!r} asks for {what}, which lora_inject does not implement; "
+                "loading it as plain LoRA would compute something else. Load it with PEFT instead."
+            )
+    init = data.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise AdapterFileError(
+            f"{source}: init_lora_weights={init!r} changes the base weights as well as the adapter, so this "
+            "adapter cannot be applied to the plain base model. Convert it to a plain LoRA in PEFT first "
+            "(save_pretrained(..., path_initial_model_for_weight_conversion=...))."
+        )
+    targets = _targets_from_peft(data.get("target_modules"), "target_modules")
+    if not targets:
+        raise AdapterFileError(f"{source}: target_modules is missing or empty; the adapter names no module.")
+    try:
+        return LoraConfig(
+            r=data.get("r", 8),
+            alpha=data.get("lora_alpha", 8),
+            targets=targets,
+            exclude=_targets_from_peft(data.get("exclude_modules"), "exclude_modules"),
+            layers=data.get("layers_to_transform"),
+            layers_pattern=data.get("layers_pattern") or None,
+            rank_pattern=data.get("rank_pattern") or {},
+            alpha_pattern=data.get("alpha_pattern") or {},
+            rslora=bool(data.get("use_rslora", False)),
+            dropout=float(data.get("lora_dropout", 0.0) or 0.0),
+            bias=data.get("bias", "none"),
+            modules_to_save=data.get("modules_to_save") or None,
+            init=init if init in (True, False, "gaussian") else True,
+            base_model_name_or_path=data.get("base_model_name_or_path"),
+            task_type=data.get("task_type"),
+        )
+    except AdapterFileError:
+        raise
+    except Exception as exc:
+        raise AdapterFileError(f"{source}: {exc}") from None

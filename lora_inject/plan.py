@@ -1,0 +1,158 @@
+"""Resolve a config against a model: which modules get which rank, before anything changes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import LoraConfig
+from .errors import AdapterExistsError, ConfigError, TargetNotFoundError
+from .layers import LoraLayer, ModulesToSave, wrap
+from .matching import NameTarget, explain_misses, parse_targets, select, with_head
+
+
+def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module | None]]:
+    """``(path, module, wrapper)`` in model order, seen as if no adapter were injected.
+
+    A LoRA wrapper appears as its base layer (with the wrapper alongside); a ModulesToSave
+    as its original module; neither is descended into. Shared modules appear once, at their
+    first path, as in ``named_modules``.
+    """
+    seen: set[int] = set()
+
+    def walk(module: nn.Module, prefix: str):
+        for name, child in module.named_children():
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            path = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, LoraLayer):
+                yield path, child.base_layer, child
+            elif isinstance(child, ModulesToSave):
+                yield path, child.original_module, child
+            else:
+                yield path, child, None
+                yield from walk(child, path)
+
+    yield from walk(model, "")
+
+
+@dataclass(frozen=True)
+class PlannedLayer:
+    """One module that would get adapter weights."""
+
+    path: str
+    module_type: str
+    weight_shape: tuple[int, ...]
+    r: int
+    alpha: float
+    scale: float
+    added_params: int
+
+
+@dataclass
+class Plan:
+    """The result of resolving a config: layers to wrap and modules to train in full."""
+
+    layers: list[PlannedLayer]
+    modules_to_save: list[str]
+    model_params: int
+    wrappers: dict[str, LoraLayer]  # path -> wrapper (existing, or new and not yet attached)
+
+    @property
+    def added_params(self) -> int:
+        return sum(layer.added_params for layer in self.layers)
+
+    def __str__(self) -> str:
+        rows = [("module", "type", "weight shape", "r", "scale", "added params")]
+        rows += [
+            (p.path, p.module_type, "x".join(map(str, p.weight_shape)), str(p.r), f"{p.scale:g}", f"{p.added_params:,}")
+            for p in self.layers
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        share = 100.0 * self.added_params / max(1, self.model_params + self.added_params)
+        lines.append(
+            f"{len(self.layers)} layers wrapped; adapter parameters {self.added_params:,} "
+            f"of {self.model_params + self.added_params:,} total ({share:.4f}%)"
+        )
+        if self.modules_to_save:
+            lines.append(f"trained in full: {', '.join(self.modules_to_save)}")
+        return "\n".join(lines)
+
+
+def output_head_paths(model: nn.Module) -> set[str]:
+    """Paths of the output head, which 'all-linear' leaves alone (as PEFT does)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    found = {path for path, module, _ in logical_modules(model) if head is not None and module is head}
+    return found or {path for path, _, _ in logical_modules(model) if path.rsplit(".", 1)[-1] == "lm_head"}
+
+
+def resolve(model: nn.Module, config: LoraConfig, adapter: str) -> Plan:
+    """Match the config against the model and build (unattached) wrappers; the model is not changed."""
+    named = [(path, module) for path, module, _ in logical_modules(model)]
+    existing = {path: wrapper for path, _, wrapper in logical_modules(model) if wrapper is not None}
+    targets = with_head(parse_targets(config.targets), output_head_paths(model))
+    if not targets:
+        raise ConfigError(
+            "No targets given and no preset applies: pass targets=[...] (module names such as 'q_proj', "
+            "'re:<regex>', an nn.Module type, or 'all-linear')."
+        )
+    exclude = parse_targets(config.exclude) + [NameTarget(m) for m in config.modules_to_save or ()]
+    layers = [config.layers] if isinstance(config.layers, int) else config.layers
+    chosen, missed = select(named, targets, exclude, layers, config.layers_pattern)
+    if not chosen:
+        missed = missed or targets
+        raise TargetNotFoundError(
+            f"The targets matched no module that could take an adapter"
+            f"{' (after exclude/layers filters)' if len(missed) < len(targets) or not missed else ''}.\n"
+            + explain_misses(missed, named)
+        )
+    planned, wrappers = [], {}
+    for path, module in chosen:
+        wrapper = existing.get(path) or wrap(path, module)
+        if adapter in wrapper.r:
+            raise AdapterExistsError(
+                f"Adapter {adapter!r} already exists on {path!r}. Pick another name (adapter='...'), or "
+                "remove it first with lora_inject.delete_adapter(model, name)."
+            )
+        wrappers[path] = wrapper
+        planned.append(_planned(path, module, wrapper, config))
+    saves = _modules_to_save(named, config.modules_to_save or ())
+    return Plan(planned, saves, _base_param_count(model), wrappers)
+
+
+def _planned(path: str, module: nn.Module, wrapper: LoraLayer, config: LoraConfig) -> PlannedLayer:
+    r = config.rank_for(path)
+    shape = tuple(module.weight.shape)
+    added = sum(math.prod(s) for s in wrapper.factor_shapes(r).values())
+    return PlannedLayer(
+        path, type(module).__name__, shape, r, config.alpha_for(path), config.scale_for(path), added
+    )
+
+
+def _modules_to_save(named, names) -> list[str]:
+    found = []
+    for name in names:
+        target = NameTarget(name)
+        hits = [p for p, m in named if target.matches(p, m)]
+        if not hits:
+            raise TargetNotFoundError(
+                f"modules_to_save names {name!r}, but no module matches it.\n"
+                + explain_misses([target], named)
+            )
+        found += hits
+    return found
+
+
+def _base_param_count(model: nn.Module) -> int:
+    """Parameters of the model without any adapter weights."""
+    total = sum(p.numel() for p in model.parameters(recurse=False))
+    for _, module, _ in logical_modules(model):
+        total += sum(p.numel() for p in module.parameters(recurse=False))
+    return total
