@@ -25,11 +25,15 @@ def _config_from(model: nn.Module, config: LoraConfig | None, overrides: dict[st
         config = config.replace(**overrides) if config is not None else LoraConfig(**overrides)
     except TypeError as exc:
         raise ConfigError(f"{exc}. Valid fields: {', '.join(LoraConfig.__dataclass_fields__)}.") from None
-    if config.targets is None:
+    return config
+
+
+def _resolve(model: nn.Module, config: LoraConfig, adapter: str) -> Plan:
+    if config.targets is None:  # a preset: not every family member has every module
         from .presets import preset_targets
 
-        config = config.replace(targets=preset_targets(model))
-    return config
+        return resolve(model, config.replace(targets=preset_targets(model)), adapter, every_target_must_match=False)
+    return resolve(model, config, adapter)
 
 
 def plan(model: nn.Module, config: LoraConfig | None = None, *, adapter: str = "default", **overrides: Any) -> Plan:
@@ -37,7 +41,7 @@ def plan(model: nn.Module, config: LoraConfig | None = None, *, adapter: str = "
 
     Changes nothing. ``print(plan(...))`` gives a table.
     """
-    return resolve(model, _config_from(model, config, overrides), adapter)
+    return _resolve(model, _config_from(model, config, overrides), adapter)
 
 
 def inject(
@@ -55,7 +59,7 @@ def inject(
     if not isinstance(adapter, str) or not adapter or "." in adapter:
         raise ConfigError(f"adapter must be a non-empty name without dots; got {adapter!r}.")
     config = _config_from(model, config, overrides)
-    return inject_resolved(model, resolve(model, config, adapter), config, adapter)
+    return inject_resolved(model, _resolve(model, config, adapter), config, adapter)
 
 
 def inject_resolved(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str) -> nn.Module:

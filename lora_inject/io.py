@@ -257,7 +257,7 @@ def load_adapter(
     config = read_adapter_config(directory)
     tensors = read_adapter_tensors(directory)
     try:
-        resolved = resolve(model, config, adapter)
+        resolved = resolve(model, config, adapter, every_target_must_match=False)
     except AdapterFileError:
         raise
     except LoraInjectError as exc:

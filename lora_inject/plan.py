@@ -93,8 +93,12 @@ def output_head_paths(model: nn.Module) -> set[str]:
     return found or {path for path, _, _ in logical_modules(model) if path.rsplit(".", 1)[-1] == "lm_head"}
 
 
-def resolve(model: nn.Module, config: LoraConfig, adapter: str) -> Plan:
-    """Match the config against the model and build (unattached) wrappers; the model is not changed."""
+def resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_must_match: bool = True) -> Plan:
+    """Match the config against the model and build (unattached) wrappers; the model is not changed.
+
+    With ``every_target_must_match`` a target that selects nothing is an error (a typo must not
+    pass silently); adapter files and presets are read leniently, as PEFT does.
+    """
     named = [(path, module) for path, module, _ in logical_modules(model)]
     existing = {path: wrapper for path, _, wrapper in logical_modules(model) if wrapper is not None}
     targets = with_head(parse_targets(config.targets), output_head_paths(model))
@@ -106,13 +110,17 @@ def resolve(model: nn.Module, config: LoraConfig, adapter: str) -> Plan:
     exclude = parse_targets(config.exclude) + [NameTarget(m) for m in config.modules_to_save or ()]
     layers = [config.layers] if isinstance(config.layers, int) else config.layers
     chosen, missed = select(named, targets, exclude, layers, config.layers_pattern)
-    if not chosen:
-        missed = missed or targets
+    if missed and chosen and every_target_must_match:
         raise TargetNotFoundError(
-            f"The targets matched no module that could take an adapter"
-            f"{' (after exclude/layers filters)' if len(missed) < len(targets) or not missed else ''}.\n"
-            + explain_misses(missed, named)
+            "Some targets matched no module (the others did; fix or drop these):\n" + explain_misses(missed, named)
         )
+    if not chosen and not missed:
+        raise TargetNotFoundError(
+            f"The targets {[str(t) for t in targets]} matched modules, but exclude={config.exclude!r}, "
+            f"layers={config.layers!r} or modules_to_save removed every one. Loosen those filters."
+        )
+    if not chosen:
+        raise TargetNotFoundError("The targets matched no module.\n" + explain_misses(missed, named))
     planned, wrappers = [], {}
     for path, module in chosen:
         wrapper = existing.get(path) or wrap(path, module)
