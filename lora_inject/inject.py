@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -16,6 +17,18 @@ from .layers import LoraLayer, ModulesToSave
 from .plan import Plan, resolve
 
 _STATE_ATTR = "_lora_inject_configs"  # {adapter name: LoraConfig} kept on the model
+
+
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def check_adapter_name(name: object) -> None:
+    """Adapter names become state-dict key parts and folder names: letters, digits, '_' and '-' only."""
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
+        raise ConfigError(
+            f"Adapter names may hold only letters, digits, '_' and '-' (1-128 characters), since they become "
+            f"parts of parameter names and folder names; got {name!r}."
+        )
 
 
 def _config_from(model: nn.Module, config: LoraConfig | None, overrides: dict[str, Any]) -> LoraConfig:
@@ -56,8 +69,7 @@ def inject(
     new adapter is the active one.
     """
     check_not_distributed(model, "inject adapters")
-    if not isinstance(adapter, str) or not adapter or "." in adapter:
-        raise ConfigError(f"adapter must be a non-empty name without dots; got {adapter!r}.")
+    check_adapter_name(adapter)
     config = _config_from(model, config, overrides)
     return inject_resolved(model, _resolve(model, config, adapter), config, adapter)
 

@@ -22,7 +22,14 @@ from torch import nn
 from .config import LoraConfig
 from .errors import AdapterFileError, LoraInjectError, preview
 from .guards import check_not_distributed
-from .inject import _require_adapter, adapter_configs, delete_adapter, inject_resolved, lora_state_dict
+from .inject import (
+    _require_adapter,
+    adapter_configs,
+    check_adapter_name,
+    delete_adapter,
+    inject_resolved,
+    lora_state_dict,
+)
 from .peft_format import PEFT_PREFIX, disk_key, from_peft_dict, to_peft_dict
 from .plan import Plan, logical_modules, resolve
 
@@ -253,8 +260,11 @@ def load_adapter(
     The loaded adapter becomes the active one and its parameters require grad (to resume
     training); call ``model.requires_grad_(False)`` for inference.
     """
+    check_adapter_name(adapter)
     where = str(directory)
     config = read_adapter_config(directory)
+    if config.init is False:  # a tensor missing from the file (strict=False) must mean "no change"
+        config = config.replace(init=True)
     tensors = read_adapter_tensors(directory)
     try:
         resolved = resolve(model, config, adapter, every_target_must_match=False)

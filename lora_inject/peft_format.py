@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import AdapterFileError
-from .layers import LoraConv1D
+from .layers import LoraConv1D, LoraLayer
 from .matching import ALL_LINEAR, REGEX_PREFIX, NameTarget, select
 from .plan import logical_modules
 
@@ -46,7 +46,7 @@ def disk_key(memory_key: str, adapter: str) -> str:
 def _peft_targets(model: nn.Module, adapter: str, config: LoraConfig) -> list[str]:
     """The adapter's wrapped paths in PEFT's list form: leaf names when they select exactly these
     paths under PEFT's rules, else the full paths (always exact)."""
-    paths = sorted(p for p, _, w in logical_modules(model) if w is not None and adapter in getattr(w, "r", {}))
+    paths = sorted(p for p, _, w in logical_modules(model) if isinstance(w, LoraLayer) and adapter in w.r)
     named = [(p, m) for p, m, _ in logical_modules(model)]
     names = sorted({p.rsplit(".", 1)[-1] for p in paths})
     exclude = [NameTarget(m) for m in config.modules_to_save or ()]
@@ -62,7 +62,7 @@ def _number(value: float) -> int | float:
 def to_peft_dict(model: nn.Module, adapter: str, config: LoraConfig) -> dict[str, Any]:
     """PEFT's adapter_config.json fields for ``adapter`` as injected into ``model``."""
     fan_in_fan_out = any(
-        isinstance(w, LoraConv1D) for _, _, w in logical_modules(model) if w is not None and adapter in w.r
+        isinstance(w, LoraConv1D) and adapter in w.r for _, _, w in logical_modules(model)
     )
     init = config.init if config.init in (True, False, "gaussian") else True
     layers = [config.layers] if isinstance(config.layers, int) else config.layers
