@@ -45,6 +45,16 @@ from .presets import preset
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``lora_inject.hf`` and ``lora_inject.from_pretrained`` import transformers on first use only."""
+    if name in ("hf", "from_pretrained"):
+        import importlib
+
+        hf = importlib.import_module(".hf", __name__)
+        return hf if name == "hf" else hf.from_pretrained
+    raise AttributeError(f"module 'lora_inject' has no attribute {name!r}")
+
 __all__ = [
     "AdapterExistsError",
     "AdapterFileError",
@@ -67,6 +77,7 @@ __all__ = [
     "adapter_configs",
     "delete_adapter",
     "disabled_adapters",
+    "from_pretrained",
     "inject",
     "load_adapter",
     "lora_layers",

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
+import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -38,6 +41,8 @@ def _config_from(model: nn.Module, config: LoraConfig | None, overrides: dict[st
         config = config.replace(**overrides) if config is not None else LoraConfig(**overrides)
     except TypeError as exc:
         raise ConfigError(f"{exc}. Valid fields: {', '.join(LoraConfig.__dataclass_fields__)}.") from None
+    if config.base_model_name_or_path is None and getattr(model, "name_or_path", None):
+        config = config.replace(base_model_name_or_path=str(model.name_or_path))
     return config
 
 
@@ -287,6 +292,7 @@ def merge(model: nn.Module, adapters: str | Iterable[str] | None = None, *, safe
     for name in names or ():
         _require_adapter(model, name)
     layers = [layer for _, layer in lora_layers(model)]
+    _untie_shared_weights(model, layers)
     if safe:
         for layer in layers:
             for name in names if names is not None else layer.active_adapters:
@@ -294,6 +300,31 @@ def merge(model: nn.Module, adapters: str | Iterable[str] | None = None, *, safe
                     layer.merged_weight(name, check_finite=True)
     for layer in layers:
         layer.merge([n for n in (names if names is not None else layer.active_adapters) if n in layer.r])
+
+
+def _untie_shared_weights(model: nn.Module, layers: list[LoraLayer]) -> None:
+    """Give a wrapped layer its own weight when it shares it (tied embeddings/lm_head) before merging.
+
+    Merging into a shared tensor would silently change the other module too.
+    """
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    untied = []
+    for layer in layers:
+        weight = layer.base_layer.weight
+        if uses[id(weight)] > 1 and any(n not in layer.merged_adapters for n in layer.active_adapters):
+            layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+            untied.append(layer)
+    if untied:
+        if "transformers" in sys.modules:
+            from .hf import untie_note
+
+            untie_note(model)
+        warnings.warn(
+            f"{len(untied)} merged layer(s) shared their weight with another module (tied embeddings); each got "
+            "its own copy so the merge changes only the adapted module. The model's config now says "
+            "tie_word_embeddings=False.",
+            stacklevel=3,
+        )
 
 
 def unmerge(model: nn.Module) -> None:

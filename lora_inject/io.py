@@ -28,10 +28,12 @@ from .inject import (
     check_adapter_name,
     delete_adapter,
     inject_resolved,
+    lora_layers,
     lora_state_dict,
 )
+from .layers import ModulesToSave
 from .peft_format import PEFT_PREFIX, disk_key, from_peft_dict, to_peft_dict
-from .plan import Plan, logical_modules, resolve
+from .plan import Plan, PlannedLayer, logical_modules, resolve
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -297,3 +299,29 @@ def _copy_in(model: nn.Module, tensors: dict, targets: dict, adapter: str) -> No
             else:
                 param = target[1]
             param.data.copy_(tensors[key])
+
+
+def load_adapter_weights(
+    model: nn.Module, directory: str | os.PathLike, adapter: str = "default", *, strict: bool = True
+) -> nn.Module:
+    """Load the weights of an adapter folder into adapter ``adapter`` already injected in ``model``.
+
+    For resuming training: the model keeps its wrappers and optimizer references stay valid.
+    Checked first (keys, shapes) exactly as :func:`load_adapter`; nothing changes on error.
+    """
+    _require_adapter(model, adapter)
+    where = str(directory)
+    config = adapter_configs(model)[adapter]
+    tensors = read_adapter_tensors(directory)
+    resolved = Plan([], [], 0, {})
+    for path, module in lora_layers(model):
+        if adapter in module.r:
+            resolved.wrappers[path] = module
+            resolved.layers.append(PlannedLayer(path, "", (), module.r[adapter], 0.0, 0.0, 0))
+    resolved.modules_to_save = [
+        p for p, m in model.named_modules() if isinstance(m, ModulesToSave) and adapter in m.adapter_names
+    ]
+    required, optional = _expected(model, resolved, config)
+    _check_tensors(model, tensors, required, optional, config, strict, where)
+    _copy_in(model, tensors, {**optional, **required}, adapter)
+    return model

@@ -71,6 +71,16 @@ class LoraLayer(nn.Module):
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
+    # Code written for the plain module (transformers' tie_weights, resize_token_embeddings,
+    # get_input_embeddings().weight) reads these; they are the base layer's.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     @property
     def adapter_names(self) -> list[str]:
         return list(self.r)
