@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -40,6 +41,9 @@ def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Modul
     yield from walk(model, "")
 
 
+_LAYER_INDEX = re.compile(r"\.\d+\.")
+
+
 @dataclass(frozen=True)
 class PlannedLayer:
     """One module that would get adapter weights."""
@@ -61,16 +65,26 @@ class Plan:
     modules_to_save: list[str]
     model_params: int
     wrappers: dict[str, LoraLayer]  # path -> wrapper (existing, or new and not yet attached)
+    near_misses: str = ""  # for targets that matched nothing (lenient resolution only)
 
     @property
     def added_params(self) -> int:
         return sum(layer.added_params for layer in self.layers)
 
     def __str__(self) -> str:
-        rows = [("module", "type", "weight shape", "r", "scale", "added params")]
+        return self.table(grouped=False)
+
+    def table(self, grouped: bool = True) -> str:
+        """A text table of the wrapped modules; ``grouped`` folds layer indices into ``*`` with a count."""
+        groups: dict[tuple, list[PlannedLayer]] = {}
+        for p in self.layers:
+            name = _LAYER_INDEX.sub(".*.", p.path) if grouped else p.path
+            groups.setdefault((name, p.module_type, p.weight_shape, p.r, p.scale), []).append(p)
+        rows = [("module", "count", "type", "weight shape", "r", "scale", "added params")]
         rows += [
-            (p.path, p.module_type, "x".join(map(str, p.weight_shape)), str(p.r), f"{p.scale:g}", f"{p.added_params:,}")
-            for p in self.layers
+            (name, str(len(members)), kind, "x".join(map(str, shape)), str(r), f"{scale:g}",
+             f"{sum(m.added_params for m in members):,}")
+            for (name, kind, shape, r, scale), members in groups.items()
         ]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -82,6 +96,8 @@ class Plan:
         )
         if self.modules_to_save:
             lines.append(f"trained in full: {', '.join(self.modules_to_save)}")
+        if self.near_misses:
+            lines.append("targets that matched nothing:\n" + self.near_misses)
         return "\n".join(lines)
 
 
@@ -132,7 +148,8 @@ def resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_mus
         wrappers[path] = wrapper
         planned.append(_planned(path, module, wrapper, config))
     saves = _modules_to_save(named, config.modules_to_save or ())
-    return Plan(planned, saves, _base_param_count(model), wrappers)
+    misses = explain_misses(missed, named) if missed else ""
+    return Plan(planned, saves, _base_param_count(model), wrappers, misses)
 
 
 def _planned(path: str, module: nn.Module, wrapper: LoraLayer, config: LoraConfig) -> PlannedLayer:

@@ -1,0 +1,270 @@
+"""Fold an adapter into a safetensors checkpoint on disk, tensor by tensor, without building the model.
+
+Peak memory is about one row chunk of the largest tensor plus the adapter: the merged
+weight ``W + scale * B @ A`` is computed in float32 per chunk of rows and streamed to the
+output file. Values are bit-identical to loading the model in the same dtype,
+``merge_and_unload`` and ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import LoraConfig
+from .errors import AdapterFileError, ConfigError, MergeError, preview
+from .io import read_adapter_config, read_adapter_tensors
+from .safetensors_stream import DTYPES, StreamWriter
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+CHUNK_ELEMENTS = 1 << 26  # 64M float32 elements (256 MiB) per row chunk
+OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+@dataclass
+class Edit:
+    """What happens to one checkpoint tensor: replaced (modules_to_save, bias) and/or a LoRA delta added.
+
+    ``kind`` says how ``scale * B @ A`` maps onto the stored weight: "linear" (out, in),
+    "transposed" (Conv1D's (in, out), Embedding's (num_embeddings, dim)) or "conv" (out, in, *k).
+    """
+
+    replacement: torch.Tensor | None = None
+    kind: str | None = None
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+    scale: float = 1.0
+    is_embedding: bool = False
+
+    def delta_rows(self, i: int, j: int) -> torch.Tensor:
+        """Rows [i, j) of ``scale * delta`` in float32, shaped like the stored weight's rows."""
+        a, b = self.a.float(), self.b.float()
+        if self.kind == "transposed":
+            return (b @ a[:, i:j]).T * self.scale
+        if self.kind == "conv":
+            b = b.flatten(1)
+            return (b[i:j] @ a.flatten(1)).view(j - i, *a.shape[1:]) * self.scale
+        return (b[i:j] @ a) * self.scale
+
+
+def plan_edits(config: LoraConfig, tensors: dict[str, torch.Tensor], fan_in_fan_out: bool) -> dict[str, Edit]:
+    """``{checkpoint key: Edit}`` from an adapter's tensors (keys without ``base_model.model.``)."""
+    edits: dict[str, Edit] = {}
+    handled = set()
+    pairs = ((".lora_A.weight", ".lora_B.weight", False), (".lora_embedding_A", ".lora_embedding_B", True))
+    for key in tensors:
+        for a_suffix, b_suffix, is_embedding in pairs:
+            if not key.endswith(a_suffix):
+                continue
+            path = key.removesuffix(a_suffix)
+            a, b = tensors[key], tensors.get(path + b_suffix)
+            if b is None:
+                raise AdapterFileError(f"{key} has no matching {path + b_suffix} in the adapter.")
+            if is_embedding or (fan_in_fan_out and a.dim() == 2):
+                kind = "transposed"
+            else:
+                kind = "conv" if a.dim() > 2 else "linear"
+            edit = edits.setdefault(f"{path}.weight", Edit())
+            edit.kind, edit.a, edit.b, edit.is_embedding = kind, a, b, is_embedding
+            edit.scale = config.scale_for(path)
+            handled.update({key, path + b_suffix})
+    for key, tensor in tensors.items():
+        if key not in handled:
+            # lora_only biases and PEFT's saved embedding weight live under base_layer
+            edits.setdefault(key.replace(".base_layer.", "."), Edit()).replacement = tensor
+    return edits
+
+
+@dataclass
+class Shard:
+    name: str
+    keys: list[str]
+
+
+def _shards(base: Path) -> tuple[list[Shard], dict | None]:
+    index_path = base / INDEX_NAME
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        names: dict[str, list[str]] = {}
+        for key, name in index["weight_map"].items():
+            names.setdefault(name, []).append(key)
+        return [Shard(n, sorted(k)) for n, k in sorted(names.items())], index
+    if (base / SINGLE_NAME).is_file():
+        with safe_open(str(base / SINGLE_NAME), "pt") as handle:
+            return [Shard(SINGLE_NAME, sorted(handle.keys()))], None
+    found = preview(p.name for p in base.iterdir()) if base.is_dir() else "no such folder"
+    raise ConfigError(
+        f"{base} holds no {SINGLE_NAME} or {INDEX_NAME} (found: {found}). The streaming merge reads "
+        "safetensors checkpoints only; convert .bin checkpoints with save_pretrained first."
+    )
+
+
+def _match_keys(edits: dict[str, Edit], all_keys: set[str]) -> dict[str, Edit]:
+    """Map adapter paths onto checkpoint keys, allowing for a base-model prefix on either side."""
+    matched, missing = {}, []
+    for key, edit in edits.items():
+        candidates = [key, key.split(".", 1)[-1]] + [f"{p}.{key}" for p in {k.split(".", 1)[0] for k in all_keys}]
+        hit = next((c for c in candidates if c in all_keys), None)
+        if hit is None:
+            missing.append(key)
+        else:
+            matched[hit] = edit
+    if missing:
+        raise MergeError(
+            f"The adapter changes tensors the checkpoint does not hold: {preview(missing)}. If this is a tied "
+            "lm_head/embedding (stored once), the file merge cannot untie it: use lora_inject.merge_and_unload "
+            "on the loaded model, which unties deliberately. Otherwise the adapter is for another model."
+        )
+    return matched
+
+
+def _check_tied(base: Path, matched: dict[str, Edit]) -> None:
+    """Refuse to merge into an input embedding that a language-model head shares (stored once)."""
+    config_path = base / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    lm = any(("LM" in a or "Generation" in a) for a in config.get("architectures") or ())
+    if not (lm and config.get("tie_word_embeddings", True)):
+        return
+    for key, edit in matched.items():
+        if edit.kind is not None and edit.is_embedding:
+            raise MergeError(
+                f"{key} is tied to the output head (tie_word_embeddings is true), and the checkpoint stores it "
+                "once: merging it in the file would change both. Load the model and use "
+                "lora_inject.merge_and_unload, which unties them deliberately."
+            )
+
+
+def merged_tensor_rows(tensor_slice, edit: Edit | None, out_dtype: torch.dtype | None) -> Iterator[torch.Tensor]:
+    """The output tensor in row chunks: base rows cast to the output dtype, plus the delta in float32."""
+    shape = tuple(tensor_slice.get_shape())
+    in_dtype = DTYPES[tensor_slice.get_dtype()]
+    dtype = out_dtype if (out_dtype is not None and in_dtype.is_floating_point) else in_dtype
+    if edit is not None and edit.replacement is not None:
+        replacement = edit.replacement.to(dtype)
+        if tuple(replacement.shape) != shape:
+            raise MergeError(f"adapter tensor of shape {tuple(replacement.shape)} replaces one of shape {shape}")
+        full_slice = replacement
+    else:
+        full_slice = None
+    rows = shape[0] if shape else 1
+    per_row = max(1, math.prod(shape[1:]))
+    step = rows if edit is None or edit.kind is None else max(1, CHUNK_ELEMENTS // per_row)
+    for i in range(0, rows, step):
+        j = min(rows, i + step)
+        if full_slice is not None:
+            base = full_slice[i:j]
+        else:
+            base = (tensor_slice[i:j] if shape else tensor_slice[:]).to(dtype)
+        if edit is not None and edit.kind is not None:
+            base = (base.float() + edit.delta_rows(i, j)).to(dtype)
+        yield base
+
+
+def merge_checkpoint(
+    base: str | os.PathLike,
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    force: bool = False,
+    verify: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write ``out``: the checkpoint ``base`` with ``adapter`` folded in, shard for shard."""
+    base, adapter, out = Path(base).resolve(), Path(adapter), Path(out).resolve()
+    if out == base or base in out.parents or out in base.parents:
+        raise ConfigError(f"OUT ({out}) must not be BASE ({base}), inside it, or contain it: BASE is never written.")
+    if out.exists() and not force:
+        raise ConfigError(f"{out} exists. Pass --force (force=True) to replace it.")
+    if dtype is not None and dtype not in OUT_DTYPES:
+        raise ConfigError(f"dtype must be one of {sorted(OUT_DTYPES)}; got {dtype!r}.")
+    config = read_adapter_config(adapter)
+    tensors = read_adapter_tensors(adapter)
+    fan_in_fan_out = json.loads((adapter / "adapter_config.json").read_text()).get("fan_in_fan_out", False)
+    shards, index = _shards(base)
+    all_keys = {k for s in shards for k in s.keys}
+    matched = _match_keys(plan_edits(config, tensors, fan_in_fan_out), all_keys)
+    _check_tied(base, matched)
+    out_dtype = OUT_DTYPES.get(dtype) if dtype else None
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        sizes = _write_shards(base, shards, matched, out_dtype, staging, progress)
+        _copy_side_files(base, staging, dtype)
+        if index is not None:
+            index = dict(index, metadata=dict(index.get("metadata", {}), total_size=sum(sizes.values())))
+            (staging / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        if verify:
+            from .verify import verify_merge
+
+            verify_merge(base, staging, matched, out_dtype)
+        _swap_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_shards(base, shards, matched, out_dtype, staging, progress) -> dict[str, int]:
+    from tqdm.auto import tqdm
+
+    total = sum((base / s.name).stat().st_size for s in shards)
+    sizes = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
+        for shard in shards:
+            with safe_open(str(base / shard.name), "pt") as handle:
+                metadata = handle.metadata() or {"format": "pt"}
+                slices = {k: handle.get_slice(k) for k in shard.keys}
+                specs = []
+                for key in sorted(shard.keys, key=lambda k: (-_out_dtype(slices[k], out_dtype).itemsize, k)):
+                    specs.append((key, _out_dtype(slices[key], out_dtype), tuple(slices[key].get_shape())))
+                with open(staging / shard.name, "wb") as file:
+                    writer = StreamWriter(file, specs, metadata)
+                    for key, _, _ in specs:
+                        for chunk in merged_tensor_rows(slices[key], matched.get(key), out_dtype):
+                            bar.update(writer.write(chunk))
+                    writer.close()
+                    file.flush()
+                    os.fsync(file.fileno())
+                sizes[shard.name] = writer.total_bytes
+    return sizes
+
+
+def _out_dtype(tensor_slice, out_dtype: torch.dtype | None) -> torch.dtype:
+    dtype = DTYPES[tensor_slice.get_dtype()]
+    return out_dtype if (out_dtype is not None and dtype.is_floating_point) else dtype
+
+
+def _copy_side_files(base: Path, staging: Path, dtype: str | None) -> None:
+    """Config, tokenizer and generation files come along; weights were rewritten above."""
+    for entry in base.iterdir():
+        if entry.suffix in (".safetensors", ".bin", ".pt", ".pth") or entry.name == INDEX_NAME or entry.is_dir():
+            continue
+        shutil.copy2(entry, staging / entry.name)
+    config_path = staging / "config.json"
+    if dtype and config_path.is_file():
+        config = json.loads(config_path.read_text())
+        name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = name
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,61 @@
+"""Write a safetensors file one tensor (or one row chunk) at a time.
+
+``safetensors.torch.save_file`` needs every tensor in memory at once; a merged 70B shard
+would not fit. The format is simple: an 8-byte little-endian header length, a JSON header
+of names, dtypes, shapes and byte offsets, then the raw bytes in header order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from typing import BinaryIO
+
+import torch
+
+DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+class StreamWriter:
+    """Declare every tensor first (name, dtype, shape), then write their bytes in the same order."""
+
+    def __init__(self, handle: BinaryIO, specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None) -> None:
+        self.handle = handle
+        self.order: list[tuple[str, int]] = []
+        header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        for name, dtype, shape in specs:
+            size = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self.order.append((name, size))
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        handle.write(len(text).to_bytes(8, "little"))
+        handle.write(text)
+        self.total_bytes = offset
+        self._index, self._written = 0, 0
+
+    def write(self, chunk: torch.Tensor) -> int:
+        """Append ``chunk`` (all or some leading rows of the current tensor); returns bytes written."""
+        data = chunk.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self.handle.write(memoryview(data))
+        self._written += data.nbytes
+        name, size = self.order[self._index]
+        if self._written > size:
+            raise ValueError(f"{name}: wrote {self._written} bytes, declared {size}")
+        if self._written == size:
+            self._index, self._written = self._index + 1, 0
+        return data.nbytes
+
+    def close(self) -> None:
+        if self._index != len(self.order):
+            name = self.order[self._index][0] if self._index < len(self.order) else "?"
+            raise ValueError(f"safetensors stream ended early at tensor {name!r}")
