@@ -39,7 +39,7 @@ from .inject import (
     unload,
     unmerge,
 )
-from .io import load_adapter, read_adapter_config, read_adapter_tensors, save_adapter
+from .io import load_adapter, load_adapter_weights, read_adapter_config, read_adapter_tensors, save_adapter
 from .layers import LoraConv, LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, register
 from .presets import preset
 
@@ -80,6 +80,7 @@ __all__ = [
     "from_pretrained",
     "inject",
     "load_adapter",
+    "load_adapter_weights",
     "lora_layers",
     "lora_state_dict",
     "merge",
