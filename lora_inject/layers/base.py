@@ -22,7 +22,7 @@ class LoraLayer(nn.Module):
     ``forward(x) = base_layer(x) + sum over active, unmerged adapters of scale * B(A(dropout(x)))``.
 
     Subclasses implement :meth:`_create_factors`, :meth:`_init_factors`,
-    :meth:`_lora_forward` and :meth:`_delta_from_factors`, and list the names of their
+    :meth:`_add_lora` and :meth:`_delta_from_factors`, and list the names of their
     per-adapter containers in ``adapter_param_names``.
     """
 
@@ -31,15 +31,16 @@ class LoraLayer(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.lora_dropout = nn.ModuleDict()
+        self.lora_dropout: dict[str, float] = {}  # dropout probability per adapter
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.active_adapters: tuple[str, ...] = ()
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
-        # adapters that run in forward: active, not merged; recomputed on each state change
-        self._running: tuple[str, ...] = ()
+        # what forward needs per running adapter (active, not merged), precomputed on each
+        # state change so the hot path does no dictionary lookups: (factor containers, scale, p)
+        self._running: tuple[tuple, ...] = ()
 
     # ----- what subclasses provide -----------------------------------------------------------
     def _create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -48,9 +49,15 @@ class LoraLayer(nn.Module):
     def _init_factors(self, name: str, init: bool | str) -> None:
         raise NotImplementedError
 
-    def _lora_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``scale * B(A(dropout(x)))``, shaped like ``base_layer(x)``, in x's dtype."""
+    def _add_lora(self, entry: tuple, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result + scale * B(A(dropout(x)))`` for one running adapter (``entry`` from :meth:`_entry`)."""
         raise NotImplementedError
+
+    def _entry(self, name: str) -> tuple:
+        """The precomputed per-adapter tuple that :meth:`_add_lora` receives."""
+        return (
+            *(getattr(self, c)[name] for c in self.adapter_param_names), self.scaling[name], self.lora_dropout[name]
+        )
 
     def _delta_from_factors(self, name: str) -> torch.Tensor:
         """``scale * B @ A`` in float32, shaped like the base weight."""
@@ -101,7 +108,7 @@ class LoraLayer(nn.Module):
         weight = self.base_weight
         dtype = dtype or default_adapter_dtype(weight.dtype)
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, alpha, scale
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = float(dropout)
         self._create_factors(name, r, dtype, weight.device)
         if weight.device.type != "meta":
             self._init_factors(name, init)
@@ -134,9 +141,8 @@ class LoraLayer(nn.Module):
         self._refresh_running()
 
     def _refresh_running(self) -> None:
-        self._running = () if self.adapters_disabled else tuple(
-            n for n in self.active_adapters if n not in self.merged_adapters
-        )
+        names = () if self.adapters_disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
+        self._running = tuple(self._entry(n) for n in names)
 
     def set_disabled(self, disabled: bool) -> None:
         self.adapters_disabled = disabled
@@ -149,8 +155,8 @@ class LoraLayer(nn.Module):
     # ----- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        for name in self._running:
-            result = result + self._lora_forward(name, x)
+        for entry in self._running:
+            result = self._add_lora(entry, x, result)
         return result
 
     # ----- merge ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ therefore a kernel of the base's shape and merges exactly.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModuleError
@@ -49,12 +50,13 @@ class LoraConv(LoraLayer):
     def _init_factors(self, name: str, init: bool | str) -> None:
         init_a_zero_b(self.lora_A[name].weight, self.lora_B[name].weight, self.r[name], init)
 
-    def _lora_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        conv_a, conv_b = self.lora_A[name], self.lora_B[name]
+    def _add_lora(self, entry: tuple, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        conv_a, conv_b, scale, p = entry
         a = conv_a.weight.to(x.dtype)
-        b = (conv_b.weight * self.scaling[name]).to(x.dtype)
-        hidden = conv_a._conv_forward(self.lora_dropout[name](x), a, None)  # (N, r, *spatial_out)
-        return conv_b._conv_forward(hidden, b, None)  # (N, out, *spatial_out)
+        b = (conv_b.weight * scale).to(result.dtype)
+        dropped = F.dropout(x, p, self.training) if p > 0.0 else x
+        hidden = conv_a._conv_forward(dropped, a, None)  # (N, r, *spatial_out)
+        return result + conv_b._conv_forward(hidden.to(result.dtype), b, None)  # (N, out, *spatial_out)
 
     def _delta_from_factors(self, name: str) -> torch.Tensor:
         a = self.lora_A[name].weight.float()  # (r, in, *kernel)

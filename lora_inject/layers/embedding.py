@@ -48,15 +48,19 @@ class LoraEmbedding(LoraLayer):
                 nn.init.zeros_(self.lora_embedding_A[name])
             nn.init.normal_(self.lora_embedding_B[name])
 
-    def _lora_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def _entry(self, name: str) -> tuple:
+        # the containers and the name, not the Parameters: FSDP and load_state_dict(assign=True) replace those
+        return self.lora_embedding_A, self.lora_embedding_B, name, self.scaling[name]
+
+    def _add_lora(self, entry: tuple, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        a_dict, b_dict, name, scale = entry  # no dropout: dropping token ids is meaningless; PEFT ignores it too
+        a, b = a_dict[name], b_dict[name]
         base = self.base_layer
         after_a = F.embedding(
-            x, self.lora_embedding_A[name].T, padding_idx=base.padding_idx,
-            scale_grad_by_freq=base.scale_grad_by_freq,
+            x, a.T, padding_idx=base.padding_idx, scale_grad_by_freq=base.scale_grad_by_freq
         )  # (..., r)
-        out_dtype = base.weight.dtype if base.weight.is_floating_point() else after_a.dtype
-        b = (self.lora_embedding_B[name] * self.scaling[name]).to(out_dtype)
-        return after_a.to(out_dtype) @ b.T  # (..., embedding_dim)
+        b = (b * scale).to(result.dtype)
+        return result + after_a.to(result.dtype) @ b.T  # (..., embedding_dim)
 
     def _delta_from_factors(self, name: str) -> torch.Tensor:
         a, b = self.lora_embedding_A[name].float(), self.lora_embedding_B[name].float()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import LoraLayer
+from .dropout import dropped_projection
 
 
 class LoraLinear(LoraLayer):
@@ -32,17 +32,27 @@ class LoraLinear(LoraLayer):
         return {"lora_A.weight": (r, self.in_features), "lora_B.weight": (self.out_features, r)}
 
     def _create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
-        kw = {"bias": False, "dtype": dtype, "device": device}
-        self.lora_A[name] = nn.Linear(self.in_features, r, **kw)
-        self.lora_B[name] = nn.Linear(r, self.out_features, **kw)
+        self.lora_A[name] = Factor(self.in_features, r, dtype, device)
+        self.lora_B[name] = Factor(r, self.out_features, dtype, device)
 
     def _init_factors(self, name: str, init: bool | str) -> None:
         init_a_zero_b(self.lora_A[name].weight, self.lora_B[name].weight, self.r[name], init)
 
-    def _lora_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        a = self.lora_A[name].weight.to(x.dtype)
-        b = (self.lora_B[name].weight * self.scaling[name]).to(x.dtype)
-        return F.linear(F.linear(self.lora_dropout[name](x), a), b)  # (..., r) -> (..., out)
+    def _add_lora(self, entry: tuple, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        factor_a, factor_b, scale, p = entry
+        a, b = factor_a.weight, factor_b.weight
+        if a.dtype != x.dtype:
+            a = a.to(x.dtype)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in): 2-D kernels skip matmul's folding overhead
+        if p > 0.0 and self.training:
+            hidden = dropped_projection(x2, a, p)  # (N, r)
+        else:
+            hidden = torch.mm(x2, a.t())  # (N, r)
+        if b.dtype != result.dtype:
+            b, hidden = b.to(result.dtype), hidden.to(result.dtype)
+        # result + scale * hidden @ B.T in one kernel: no separate scale or add pass over the output
+        fused = torch.addmm(result.reshape(-1, result.shape[-1]), hidden, b.t(), alpha=scale)
+        return fused.view(result.shape)
 
     def _delta_from_factors(self, name: str) -> torch.Tensor:
         a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
@@ -58,6 +68,20 @@ class LoraConv1D(LoraLinear):
 
     def _delta_from_factors(self, name: str) -> torch.Tensor:
         return super()._delta_from_factors(name).T.contiguous()  # (in, out)
+
+
+class Factor(nn.Linear):
+    """A bias-free nn.Linear created without the default init (the wrapper initialises it).
+
+    Skipping ``reset_parameters`` makes injection into large models several times faster,
+    and it is a plain nn.Linear otherwise (``lora_A[name](x)`` works, keys are ``.weight``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
+        self.register_parameter("bias", None)
 
 
 def init_a_zero_b(a: torch.Tensor, b: torch.Tensor, r: int, init: bool | str) -> None:

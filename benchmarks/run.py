@@ -1,0 +1,171 @@
+"""lora_inject vs PEFT, side by side in one process: ratios of medians, interleaved.
+
+    python benchmarks/run.py            # everything (a few minutes on 2 cores)
+    python benchmarks/run.py train infer inject merge
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import SEVEN, llama, ours, paired_ratio, peft, saved_bytes  # noqa: E402
+
+
+def _train_step(model, ids, optimizer):
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_train(dropout: float, repeats: int) -> list[str]:
+    base = llama()
+    ids = torch.randint(0, 2000, (4, 256))
+    a, b = ours(base, dropout=dropout).train(), peft(base, dropout=dropout).train()
+    step_a = _train_step(a, ids, torch.optim.AdamW([p for p in a.parameters() if p.requires_grad], lr=1e-4))
+    step_b = _train_step(b, ids, torch.optim.AdamW([p for p in b.parameters() if p.requires_grad], lr=1e-4))
+    ta, tb, ratio = paired_ratio(step_a, step_b, repeats=repeats)
+    torch.manual_seed(0)
+    bytes_a = saved_bytes(lambda: a(input_ids=ids, labels=ids).loss)
+    bytes_b = saved_bytes(lambda: b(input_ids=ids, labels=ids).loss)
+    return [
+        f"train step, dropout={dropout}: ours {ta:.3f}s, PEFT {tb:.3f}s, ratio {ratio:.2f}",
+        f"saved for backward, dropout={dropout}: ours {bytes_a / 2**20:.1f} MiB, PEFT {bytes_b / 2**20:.1f} MiB",
+    ]
+
+
+def bench_dropout_memory() -> list[str]:
+    base = llama()
+    ids = torch.randint(0, 2000, (4, 256))
+    plain = saved_bytes(lambda: ours(base, dropout=0.0).train()(input_ids=ids, labels=ids).loss)
+    dropped = saved_bytes(lambda: ours(base, dropout=0.05).train()(input_ids=ids, labels=ids).loss)
+    return [f"saved bytes with dropout 0.05 / without (ours): {dropped / plain:.3f}"]
+
+
+def bench_infer(hidden: int, batch: int, tokens: int, repeats: int) -> list[str]:
+    base = llama(hidden=hidden).eval()
+    ids = torch.randint(0, 2000, (batch, tokens))
+    a, b = ours(base).eval(), peft(base).eval()
+
+    def run(model):
+        def call():
+            with torch.inference_mode():
+                model(input_ids=ids)
+        return call
+
+    _, _, ours_vs_base = paired_ratio(run(a), run(base), repeats=repeats)
+    _, _, peft_vs_base = paired_ratio(run(b), run(base), repeats=repeats)
+    return [f"unmerged inference hidden {hidden}, {batch}x{tokens}: ours {ours_vs_base:.3f}x base, "
+            f"PEFT {peft_vs_base:.3f}x base (overhead ratio {(ours_vs_base - 1) / max(1e-9, peft_vs_base - 1):.2f})"]
+
+
+def bench_inject(repeats: int) -> list[str]:
+    import peft as p
+    import transformers as t
+
+    import lora_inject as li
+
+    config = t.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                           vocab_size=32000)
+    with torch.device("meta"):
+        meta = t.LlamaForCausalLM(config)
+
+    def ours_inject():
+        li.inject(copy.deepcopy(meta), targets=SEVEN, r=16)
+
+    def peft_inject():
+        p.get_peft_model(copy.deepcopy(meta), p.LoraConfig(r=16, target_modules=SEVEN))
+
+    copy_time = min(_timeit(lambda: copy.deepcopy(meta)) for _ in range(3))
+    ta, tb, _ = paired_ratio(ours_inject, peft_inject, repeats=repeats, warmup=1)
+    ta, tb = ta - copy_time, tb - copy_time
+    lines = [f"inject 7B-shaped Llama on meta: ours {ta * 1e3:.0f} ms, PEFT {tb * 1e3:.0f} ms, ratio {ta / tb:.3f}"]
+    real = llama(hidden=1024, layers=24, vocab=32000, intermediate=2816)  # ~300M parameters
+    n = sum(p_.numel() for p_ in real.parameters())
+    copy_time = min(_timeit(lambda: copy.deepcopy(real)) for _ in range(2))
+    ta, tb, _ = paired_ratio(lambda: ours(real), lambda: peft(real), repeats=max(3, repeats // 2), warmup=1)
+    ta, tb = ta - copy_time, tb - copy_time
+    lines.append(f"inject real {n / 1e6:.0f}M Llama: ours {ta * 1e3:.0f} ms, PEFT {tb * 1e3:.0f} ms, "
+                 f"ratio {ta / tb:.3f}")
+    return lines
+
+
+def _timeit(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_merge(repeats: int) -> list[str]:
+    import peft as p
+
+    import lora_inject as li
+
+    base = llama(hidden=1024, layers=8)
+    a, b = ours(base), peft(base)
+    copy_a = [copy.deepcopy(a) for _ in range(repeats + 1)]
+    copy_b = [copy.deepcopy(b) for _ in range(repeats + 1)]
+    ta, tb, ratio = paired_ratio(lambda: li.merge_and_unload(copy_a.pop()), lambda: copy_b.pop().merge_and_unload(),
+                                 repeats=repeats, warmup=1)
+    lines = [f"merge_and_unload: ours {ta * 1e3:.0f} ms, PEFT {tb * 1e3:.0f} ms, ratio {ratio:.2f}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        _, _, save_ratio = paired_ratio(lambda: li.save_adapter(a, f"{tmp}/a"), lambda: b.save_pretrained(f"{tmp}/b"),
+                                        repeats=repeats)
+        _, _, load_ratio = paired_ratio(
+            lambda: li.load_adapter(copy.deepcopy(base), f"{tmp}/a"),
+            lambda: p.PeftModel.from_pretrained(copy.deepcopy(base), f"{tmp}/b"), repeats=repeats)
+    lines += [f"save adapter: ratio {save_ratio:.2f}", f"load adapter (incl. model copy): ratio {load_ratio:.2f}"]
+    merged = li.merge_and_unload(copy.deepcopy(a)).eval()
+    ids = torch.randint(0, 2000, (2, 128))
+
+    def fwd(model):
+        def call():
+            with torch.inference_mode():
+                model(input_ids=ids)
+        return call
+
+    _, _, fwd_ratio = paired_ratio(fwd(merged), fwd(base.eval()), repeats=repeats)
+    lines.append(f"merged model forward / base forward: {fwd_ratio:.3f}")
+    return lines
+
+
+SECTIONS = {
+    "train": lambda r: bench_train(0.0, r) + bench_train(0.05, r),
+    "dropout-memory": lambda r: bench_dropout_memory(),
+    "infer": lambda r: bench_infer(512, 1, 32, 4 * r) + bench_infer(1024, 4, 512, r),
+    "inject": lambda r: bench_inject(r),
+    "merge": lambda r: bench_merge(r),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sections", nargs="*", default=list(SECTIONS), choices=list(SECTIONS))
+    parser.add_argument("--repeats", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    import peft
+
+    import lora_inject
+
+    machine = platform.processor() or platform.machine()
+    print(f"# {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"peft {peft.__version__}, lora_inject {lora_inject.__version__}")
+    for name in args.sections:
+        for line in SECTIONS[name](args.repeats):
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

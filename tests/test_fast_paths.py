@@ -1,0 +1,145 @@
+"""Fast paths against the plain formula ``base(x) + scale * B(A(dropout(x)))``, and torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_adapters, tiny_llama
+from torch import nn
+
+import lora_inject as li
+from lora_inject.layers.dropout import pack_bits, unpack_bits
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 8), (2, 5, 13), (4, 1, 64)])
+def test_bit_packing_round_trip(shape):
+    mask = torch.rand(shape) > 0.3
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == (mask.numel() + 7) // 8
+    assert torch.equal(unpack_bits(packed, mask.shape), mask)
+
+
+class Holder(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def _reference(layer, x, mask, p):
+    """The plain formula, with a given dropout mask."""
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    dropped = x * mask / (1 - p) if mask is not None else x
+    return layer.base_layer(x) + layer.scaling["default"] * F.linear(F.linear(dropped, a), b)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_forward_and_gradients_match_plain_formula(p, dtype):
+    model = Holder(nn.Linear(24, 20).to(dtype))
+    li.inject(model, targets=["layer"], r=4, alpha=8, dropout=p, adapter_dtype=dtype)
+    randomize_adapters(model, std=0.2)
+    model.train()
+    layer = model.layer
+    x = torch.randn(3, 5, 24, dtype=dtype, requires_grad=True)
+
+    torch.manual_seed(123)
+    out = model(x)
+    out.backward(torch.ones_like(out))
+    ours = (out.detach(), x.grad.clone(), layer.lora_A["default"].weight.grad.clone(),
+            layer.lora_B["default"].weight.grad.clone())
+    x.grad = None
+    layer.zero_grad()
+
+    torch.manual_seed(123)  # the same draw gives the same mask
+    mask = torch.native_dropout(x.detach(), p, True)[1] if p > 0 else None
+    ref = _reference(layer, x, mask, p)
+    ref.backward(torch.ones_like(ref))
+    expected = (ref.detach(), x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_dropout_keep_rate_and_same_mask_in_backward():
+    p = 0.3
+    model = Holder(nn.Linear(256, 8))
+    li.inject(model, targets=["layer"], r=4, dropout=p)
+    model.train()
+    with torch.no_grad():
+        model.layer.lora_B["default"].weight.fill_(1.0)
+        model.layer.lora_A["default"].weight.fill_(1.0)
+    x = torch.ones(64, 256, requires_grad=True)
+    out = model(x)
+    out.sum().backward()
+    # with A = B = 1, each x element's gradient is (sum over outputs) * scale * mask / keep
+    per_element = x.grad - model.layer.base_layer.weight.sum(0)  # remove the base path's gradient
+    kept = per_element.abs() > 1e-6
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.01
+    expected_value = 8 * 4 * model.layer.scaling["default"] / (1 - p)
+    torch.testing.assert_close(per_element[kept], torch.full_like(per_element[kept], expected_value))
+    # forward used the same mask: the lora part of each output row counts the kept inputs
+    lora_out = out - model.layer.base_layer(x)
+    torch.testing.assert_close(lora_out[:, 0], kept.sum(1).float() * 4 * model.layer.scaling["default"] / (1 - p))
+
+
+def test_dropout_saves_no_copy_of_the_input():
+    def saved(dropout):
+        model = Holder(nn.Linear(512, 512))
+        li.inject(model, targets=["layer"], r=16, dropout=dropout)
+        model.train()
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randn(1024, 512, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        return sum(storages.values())
+
+    assert saved(0.1) <= 1.1 * saved(0.0)
+
+
+def test_bf16_input_is_not_cast_to_fp32():
+    model = Holder(nn.Linear(64, 64).to(torch.bfloat16))
+    li.inject(model, targets=["layer"], r=8, dropout=0.1)
+    model.train()
+    dtypes = set()
+    x = torch.randn(32, 64, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: dtypes.add((t.dtype, t.numel())) or t, lambda t: t):
+        model(x)
+    assert (torch.float32, x.numel()) not in dtypes  # no fp32 copy of the activations
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("training", [False, True])
+def test_torch_compile_fullgraph_matches_eager(dropout, training):
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    model = li.inject(tiny_llama(), targets="all-linear", r=4, dropout=dropout)
+    randomize_adapters(model)
+    model.train(training)
+    ids = torch.randint(0, 100, (2, 8))
+    compiled = torch.compile(model, fullgraph=True)
+    with inductor_config.patch(fallback_random=True):  # same RNG stream as eager
+        torch.manual_seed(5)
+        got = compiled(input_ids=ids, labels=ids)
+        if training:
+            got.loss.backward()
+            got_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+            model.zero_grad()
+    torch.manual_seed(5)
+    expected = model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=1e-5)
+    if training:
+        expected.loss.backward()
+        want = [p.grad for p in model.parameters() if p.requires_grad]
+        for g, w in zip(got_grads, want):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
