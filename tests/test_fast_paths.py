@@ -9,7 +9,7 @@ from conftest import randomize_adapters, tiny_llama
 from torch import nn
 
 import lora_inject as li
-from lora_inject.layers.dropout import pack_bits, unpack_bits
+from lora_inject.layers.dropout import keep_mask, keep_probability, pack_bits, unpack_bits
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 8), (2, 5, 13), (4, 1, 64)])
@@ -55,13 +55,22 @@ def test_linear_forward_and_gradients_match_plain_formula(p, dtype):
     layer.zero_grad()
 
     torch.manual_seed(123)  # the same draw gives the same mask
-    mask = torch.native_dropout(x.detach(), p, True)[1] if p > 0 else None
-    ref = _reference(layer, x, mask, p)
+    mask = keep_mask(x.reshape(-1, 24).shape, p, x.device).view(x.shape) if p > 0 else None
+    ref = _reference(layer, x, mask, 1 - keep_probability(p))
     ref.backward(torch.ones_like(ref))
     expected = (ref.detach(), x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     for got, want in zip(ours, expected):
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_keep_mask_rate_and_quantisation(p):
+    torch.manual_seed(0)
+    mask = keep_mask(torch.Size([4096, 256]), p, torch.device("cpu"))
+    assert mask.dtype == torch.bool and mask.shape == (4096, 256)
+    assert abs(mask.float().mean().item() - keep_probability(p)) < 0.003
+    assert abs(keep_probability(p) - (1 - p)) <= 1 / 65536
 
 
 def test_dropout_keep_rate_and_same_mask_in_backward():
@@ -79,11 +88,12 @@ def test_dropout_keep_rate_and_same_mask_in_backward():
     per_element = x.grad - model.layer.base_layer.weight.sum(0)  # remove the base path's gradient
     kept = per_element.abs() > 1e-6
     assert abs(kept.float().mean().item() - (1 - p)) < 0.01
-    expected_value = 8 * 4 * model.layer.scaling["default"] / (1 - p)
+    expected_value = 8 * 4 * model.layer.scaling["default"] / keep_probability(p)
     torch.testing.assert_close(per_element[kept], torch.full_like(per_element[kept], expected_value))
     # forward used the same mask: the lora part of each output row counts the kept inputs
     lora_out = out - model.layer.base_layer(x)
-    torch.testing.assert_close(lora_out[:, 0], kept.sum(1).float() * 4 * model.layer.scaling["default"] / (1 - p))
+    expected_lora = kept.sum(1).float() * 4 * model.layer.scaling["default"] / keep_probability(p)
+    torch.testing.assert_close(lora_out[:, 0], expected_lora)
 
 
 def test_dropout_saves_no_copy_of_the_input():
