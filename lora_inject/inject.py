@@ -297,7 +297,7 @@ def merge(model: nn.Module, adapters: str | Iterable[str] | None = None, *, safe
         for layer in layers:
             for name in names if names is not None else layer.active_adapters:
                 if name in layer.r and name not in layer.merged_adapters:
-                    layer.merged_weight(name, check_finite=True)
+                    layer.check_merge(name)
     for layer in layers:
         layer.merge([n for n in (names if names is not None else layer.active_adapters) if n in layer.r])
 

@@ -165,29 +165,48 @@ class LoraLayer(nn.Module):
         self._require(name)
         return self._delta_from_factors(name)
 
-    def merged_weight(self, name: str, check_finite: bool = False) -> torch.Tensor:
-        """``W + delta`` computed in float32 and cast back to W's dtype once."""
+    def check_merge(self, name: str) -> None:
+        """Raise :class:`MergeError` if merging ``name`` would write NaN or inf; writes nothing.
+
+        Cheap in the usual case: finite factors whose largest possible contribution
+        ``scale * max_row(sum |B|) * max |A|`` cannot overflow the weight's dtype are safe
+        without computing the merge. Otherwise the merged weight is computed and checked.
+        """
         weight = self.base_weight
-        merged = (weight.detach().float() + self.delta_weight(name)).to(weight.dtype)
-        if check_finite and not torch.isfinite(merged).all():
+        factor_a, factor_b = list(self.adapter_parameters(name))[:2]
+        limit = torch.finfo(weight.dtype).max if weight.is_floating_point() else float("inf")
+        if torch.isfinite(factor_a).all() and torch.isfinite(factor_b).all():
+            bound = abs(self.scaling[name]) * factor_b.detach().flatten(1).abs().sum(1).max() * factor_a.abs().max()
+            if weight.dtype in (torch.float32, torch.float64):
+                room = 1e30  # an fp32 weight anywhere near 3e38 is not a trained model
+            else:
+                room = limit - torch.linalg.vector_norm(weight.detach().float().flatten(), float("inf"))
+            if bound < room:
+                return
+        merged = self.delta_weight(name).add_(weight.detach())
+        if not torch.isfinite(merged.to(weight.dtype)).all():
             raise MergeError(
                 f"Merging adapter {name!r} would write NaN or inf into a {weight.dtype} weight of shape "
                 f"{tuple(weight.shape)}: the adapter is broken or the sum overflows {weight.dtype}. "
                 "Inspect the adapter's weights, or merge in a wider dtype."
             )
-        return merged
 
     def merge(self, names: Iterable[str] | None = None, check_finite: bool = False) -> list[str]:
-        """Fold adapters (default: the active ones) into the base weight. Already merged: skipped."""
+        """Fold adapters (default: the active ones) into the base weight. Already merged: skipped.
+
+        ``W += delta`` in place: the addition runs in float32 (delta's dtype) and rounds to W's
+        dtype once, exactly ``(W.float() + delta).to(W.dtype)`` without the temporaries.
+        """
         names = list(self.active_adapters if names is None else names)
         done = []
         for name in names:
             if name in self.merged_adapters:
                 warnings.warn(f"Adapter {name!r} is already merged; merging it again is a no-op.", stacklevel=3)
                 continue
-            merged = self.merged_weight(name, check_finite)
+            if check_finite:
+                self.check_merge(name)
             with torch.no_grad():
-                self.base_weight.copy_(merged)
+                self.base_weight.add_(self.delta_weight(name))
             self.merged_adapters.append(name)
             done.append(name)
         self._refresh_running()
@@ -199,7 +218,7 @@ class LoraLayer(nn.Module):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():
-                weight.copy_((weight.float() - self.delta_weight(name)).to(weight.dtype))
+                weight.sub_(self.delta_weight(name))
         self._refresh_running()
 
     def extra_repr(self) -> str:
