@@ -81,16 +81,21 @@ def inject(
 
 def inject_resolved(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str) -> nn.Module:
     """Apply a plan made by :func:`lora_inject.plan.resolve` for this model, config and adapter."""
-    _apply(model, resolved, config, adapter)
+    first_adapter = not getattr(model, _STATE_ATTR, None)
+    touched = _apply(model, resolved, config, adapter)
     model.requires_grad_(False)
     getattr_or_set(model).update({adapter: config})
-    set_adapter(model, adapter)
+    if first_adapter:  # nothing else to deactivate: skip walking the whole model again
+        for module in touched:
+            module.set_active([adapter])
+    else:
+        set_adapter(model, adapter)
     _set_bias_trainable(model, config.bias)
     return model
 
 
-def _apply(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str) -> None:
-    """Attach wrappers and create weights; on any failure undo what was done."""
+def _apply(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str) -> list[nn.Module]:
+    """Attach wrappers and create weights; on any failure undo what was done. Returns the modules extended."""
     attached: list[tuple[str, nn.Module]] = []  # (path, what was there before)
     extended: list[nn.Module] = []
     try:
@@ -112,6 +117,7 @@ def _apply(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str) -
                 attached.append((path, current.original_module))
             current.add_adapter(adapter)
             extended.append(current)
+        return extended
     except BaseException:
         for module in extended:
             if adapter in module.adapter_names:
@@ -288,6 +294,7 @@ def merge(model: nn.Module, adapters: str | Iterable[str] | None = None, *, safe
     Computed in float32, cast back once. Already-merged adapters are skipped (with a warning),
     never added twice. ``safe=True`` checks every merged weight for NaN/inf before writing any.
     """
+    check_not_distributed(model, "merge adapters")
     names = None if adapters is None else ([adapters] if isinstance(adapters, str) else list(adapters))
     for name in names or ():
         _require_adapter(model, name)

@@ -41,10 +41,20 @@ CONFIG_NAME = "adapter_config.json"
 
 
 # ----- saving -------------------------------------------------------------------------------
-def adapter_tensors(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors keyed as in PEFT's files (``base_model.model.<path>.lora_A.weight``)."""
+def adapter_tensors(
+    model: nn.Module, adapter: str = "default", full_state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The adapter's tensors keyed as in PEFT's files (``base_model.model.<path>.lora_A.weight``).
+
+    ``full_state`` (keys as in ``model.state_dict()``) supplies the values instead of the model,
+    e.g. tensors gathered from a sharded model.
+    """
     out = {}
     for key, tensor in lora_state_dict(model, adapter).items():
+        if full_state is not None:
+            if key not in full_state:
+                raise AdapterFileError(f"{key} is missing from the gathered state dict; was the adapter trainable?")
+            tensor = full_state[key]
         if tensor.device.type == "meta":
             raise AdapterFileError(
                 f"{key} is on the meta device (no data). Materialise the model (to_empty + load weights, "
@@ -59,12 +69,17 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
 
     Only adapter tensors are written (plus ``modules_to_save`` and trained biases), never the
     base weights. An interrupted save leaves any previous adapter in the folder intact.
+    For sharded (FSDP2) models use :func:`lora_inject.distributed.save_adapter`.
     """
     _require_adapter(model, adapter)
+    return write_adapter(model, directory, adapter, adapter_tensors(model, adapter))
+
+
+def write_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str, tensors: dict) -> Path:
+    """Write already collected PEFT-keyed ``tensors`` and the adapter's config, atomically."""
     from . import __version__
 
     config = adapter_configs(model)[adapter]
-    tensors = adapter_tensors(model, adapter)
     peft_config = to_peft_dict(model, adapter, config)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -313,7 +328,7 @@ def load_adapter_weights(
     where = str(directory)
     config = adapter_configs(model)[adapter]
     tensors = read_adapter_tensors(directory)
-    resolved = Plan([], [], 0, {})
+    resolved = Plan([], [], None, {})
     for path, module in lora_layers(model):
         if adapter in module.r:
             resolved.wrappers[path] = module

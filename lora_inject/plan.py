@@ -12,7 +12,7 @@ from torch import nn
 from .config import LoraConfig
 from .errors import AdapterExistsError, ConfigError, TargetNotFoundError
 from .layers import LoraLayer, ModulesToSave, wrap
-from .matching import NameTarget, explain_misses, parse_targets, select, with_head
+from .matching import AllLinearTarget, NameTarget, explain_misses, parse_targets, select, with_head
 
 
 def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module | None]]:
@@ -63,9 +63,14 @@ class Plan:
 
     layers: list[PlannedLayer]
     modules_to_save: list[str]
-    model_params: int
+    model: nn.Module | None
     wrappers: dict[str, LoraLayer]  # path -> wrapper (existing, or new and not yet attached)
     near_misses: str = ""  # for targets that matched nothing (lenient resolution only)
+
+    @property
+    def model_params(self) -> int:
+        """Parameters of the model without any adapter weights (counted when asked: big models)."""
+        return 0 if self.model is None else _base_param_count(self.model)
 
     @property
     def added_params(self) -> int:
@@ -115,9 +120,12 @@ def resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_mus
     With ``every_target_must_match`` a target that selects nothing is an error (a typo must not
     pass silently); adapter files and presets are read leniently, as PEFT does.
     """
-    named = [(path, module) for path, module, _ in logical_modules(model)]
-    existing = {path: wrapper for path, _, wrapper in logical_modules(model) if wrapper is not None}
-    targets = with_head(parse_targets(config.targets), output_head_paths(model))
+    walked = list(logical_modules(model))
+    named = [(path, module) for path, module, _ in walked]
+    existing = {path: wrapper for path, _, wrapper in walked if wrapper is not None}
+    targets = parse_targets(config.targets)
+    if any(isinstance(t, AllLinearTarget) for t in targets):
+        targets = with_head(targets, output_head_paths(model))
     if not targets:
         raise ConfigError(
             "No targets given and no preset applies: pass targets=[...] (module names such as 'q_proj', "
@@ -149,7 +157,7 @@ def resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_mus
         planned.append(_planned(path, module, wrapper, config))
     saves = _modules_to_save(named, config.modules_to_save or ())
     misses = explain_misses(missed, named) if missed else ""
-    return Plan(planned, saves, _base_param_count(model), wrappers, misses)
+    return Plan(planned, saves, model, wrappers, misses)
 
 
 def _planned(path: str, module: nn.Module, wrapper: LoraLayer, config: LoraConfig) -> PlannedLayer:

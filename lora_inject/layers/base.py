@@ -31,16 +31,20 @@ class LoraLayer(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.lora_dropout: dict[str, float] = {}  # dropout probability per adapter
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.active_adapters: tuple[str, ...] = ()
-        self.merged_adapters: list[str] = []
-        self.adapters_disabled = False
-        # what forward needs per running adapter (active, not merged), precomputed on each
-        # state change so the hot path does no dictionary lookups: (factor containers, scale, p)
-        self._running: tuple[tuple, ...] = ()
+        # plain attributes through __dict__: nn.Module.__setattr__ is slow, and injection into a
+        # 7B model creates hundreds of wrappers
+        self.__dict__.update(
+            lora_dropout={},  # dropout probability per adapter
+            r={},
+            lora_alpha={},
+            scaling={},
+            active_adapters=(),
+            merged_adapters=[],
+            adapters_disabled=False,
+            # what forward needs per running adapter (active, not merged), precomputed on each
+            # state change so the hot path does no dictionary lookups: (factor containers, scale, p)
+            _running=(),
+        )
 
     # ----- what subclasses provide -----------------------------------------------------------
     def _create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:

@@ -23,7 +23,8 @@ class LoraLinear(LoraLayer):
         super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self.in_features, self.out_features = self._io_features()
+        in_features, out_features = self._io_features()
+        self.__dict__.update(in_features=in_features, out_features=out_features)
 
     def _io_features(self) -> tuple[int, int]:
         return self.base_layer.in_features, self.base_layer.out_features
@@ -38,20 +39,16 @@ class LoraLinear(LoraLayer):
     def _init_factors(self, name: str, init: bool | str) -> None:
         init_a_zero_b(self.lora_A[name].weight, self.lora_B[name].weight, self.r[name], init)
 
+    def _entry(self, name: str) -> tuple:
+        return name, self.scaling[name], self.lora_dropout[name]
+
     def _add_lora(self, entry: tuple, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        factor_a, factor_b, scale, p = entry
-        a, b = factor_a.weight, factor_b.weight
-        if a.dtype != x.dtype:
-            a = a.to(x.dtype)
+        # The factors are called as modules, not read as weights: FSDP (1 and 2) and user hooks act
+        # on module calls, and FSDP1 replaces lora_A[name] by a wrapper when it is its own unit.
+        name, scale, p = entry
         x2 = x.reshape(-1, x.shape[-1])  # (N, in): 2-D kernels skip matmul's folding overhead
-        if p > 0.0 and self.training:
-            hidden = dropped_projection(x2, a, p)  # (N, r)
-        else:
-            hidden = torch.mm(x2, a.t())  # (N, r)
-        if b.dtype != result.dtype:
-            b, hidden = b.to(result.dtype), hidden.to(result.dtype)
-        # result + scale * hidden @ B.T in one kernel: no separate scale or add pass over the output
-        fused = torch.addmm(result.reshape(-1, result.shape[-1]), hidden, b.t(), alpha=scale)
+        hidden = self.lora_A[name](x2, dropout=p)  # (N, r)
+        fused = self.lora_B[name](hidden, residual=result.reshape(-1, result.shape[-1]), alpha=scale)  # (N, out)
         return fused.view(result.shape)
 
     def _delta_from_factors(self, name: str) -> torch.Tensor:
@@ -79,9 +76,28 @@ class Factor(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device) -> None:
         nn.Module.__init__(self)
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
-        self.register_parameter("bias", None)
+        self.__dict__.update(in_features=in_features, out_features=out_features)
+        self._parameters["weight"] = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
+        self._parameters["bias"] = None
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, alpha: float = 1.0, dropout: float = 0.0
+    ) -> torch.Tensor:
+        """``x @ W.T`` for x (N, in); with ``residual`` (N, out): ``residual + alpha * x @ W.T`` in one
+        addmm (no separate scale or add pass); with ``dropout``: ``dropout(x) @ W.T`` in training.
+
+        W is cast to the activations' dtype (r * features elements), never the activations to W's.
+        """
+        weight = self.weight
+        if residual is not None:
+            if weight.dtype != residual.dtype:
+                weight, x = weight.to(residual.dtype), x.to(residual.dtype)
+            return torch.addmm(residual, x, weight.t(), alpha=alpha)
+        if weight.dtype != x.dtype:
+            weight = weight.to(x.dtype)
+        if dropout > 0.0 and self.training:
+            return dropped_projection(x, weight, dropout)
+        return torch.mm(x, weight.t()) if x.dim() == 2 else torch.nn.functional.linear(x, weight)
 
 
 def init_a_zero_b(a: torch.Tensor, b: torch.Tensor, r: int, init: bool | str) -> None:
