@@ -2,6 +2,8 @@
 
     torchrun --standalone --nproc_per_node 2 examples/train_distributed.py --mode ddp
     torchrun --standalone --nproc_per_node 2 examples/train_distributed.py --mode fsdp2 --out out/adapter
+    accelerate launch --multi_gpu --num_processes 2 examples/train_distributed.py --mode ddp   # GPUs
+    python examples/train_distributed.py          # one process
 
 Runs on CPU (gloo) as written, with a tiny Llama built from a config, so nothing is
 downloaded; on GPUs (nccl) each rank uses its own device. Pass --model PATH to train a real
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -39,6 +42,11 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="non-reentrant activation checkpointing")
     args = parser.parse_args()
 
+    if "RANK" not in os.environ:  # plain `python`, or `accelerate launch --cpu` (one process): a group of one
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")

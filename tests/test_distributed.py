@@ -39,3 +39,18 @@ def test_every_scenario_is_listed():
     defined = {line.split("(")[0].removeprefix("def scenario_") for line in text.splitlines()
                if line.startswith("def scenario_")}
     assert defined == set(SCENARIOS)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_example_script_runs_as_documented(mode, tmp_path):
+    import lora_inject as li
+
+    script = Path(__file__).parent.parent / "examples" / "train_distributed.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               "--mode", mode, "--steps", "3", "--out", str(tmp_path / "adapter")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "adapter saved" in proc.stdout
+    config = li.read_adapter_config(tmp_path / "adapter")
+    assert config.r == 8 and sorted(li.read_adapter_tensors(tmp_path / "adapter"))
