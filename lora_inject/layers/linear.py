@@ -43,12 +43,14 @@ class LoraLinear(LoraLayer):
         return name, self.scaling[name], self.lora_dropout[name]
 
     def _add_lora(self, entry: tuple, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        # The factors are called as modules, not read as weights: FSDP (1 and 2) and user hooks act
-        # on module calls, and FSDP1 replaces lora_A[name] by a wrapper when it is its own unit.
         name, scale, p = entry
+        factor_a, factor_b = self.lora_A._modules[name], self.lora_B._modules[name]
         x2 = x.reshape(-1, x.shape[-1])  # (N, in): 2-D kernels skip matmul's folding overhead
-        hidden = self.lora_A[name](x2, dropout=p)  # (N, r)
-        fused = self.lora_B[name](hidden, residual=result.reshape(-1, result.shape[-1]), alpha=scale)  # (N, out)
+        residual = result.reshape(-1, result.shape[-1])  # (N, out)
+        if _plain(factor_a) and _plain(factor_b):  # skip nn.Module.__call__: it shows at small batch sizes
+            fused = factor_b.accumulate(factor_a.project(x2, p), residual, scale)
+        else:  # FSDP units, user hooks: go through __call__ so they run (FSDP1 even replaces the module)
+            fused = factor_b(factor_a(x2, dropout=p), residual=residual, alpha=scale)
         return fused.view(result.shape)
 
     def _delta_from_factors(self, name: str) -> torch.Tensor:
@@ -88,16 +90,32 @@ class Factor(nn.Linear):
 
         W is cast to the activations' dtype (r * features elements), never the activations to W's.
         """
-        weight = self.weight
         if residual is not None:
-            if weight.dtype != residual.dtype:
-                weight, x = weight.to(residual.dtype), x.to(residual.dtype)
-            return torch.addmm(residual, x, weight.t(), alpha=alpha)
+            return self.accumulate(x, residual, alpha)
+        if x.dim() != 2:
+            return torch.nn.functional.linear(x, self.weight.to(x.dtype))
+        return self.project(x, dropout)
+
+    def project(self, x: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+        """``dropout(x) @ W.T`` for x (N, in) -> (N, out_features)."""
+        weight = self.weight
         if weight.dtype != x.dtype:
             weight = weight.to(x.dtype)
         if dropout > 0.0 and self.training:
             return dropped_projection(x, weight, dropout)
-        return torch.mm(x, weight.t()) if x.dim() == 2 else torch.nn.functional.linear(x, weight)
+        return torch.mm(x, weight.t())
+
+    def accumulate(self, x: torch.Tensor, residual: torch.Tensor, alpha: float) -> torch.Tensor:
+        """``residual + alpha * x @ W.T`` in one addmm, computed in the residual's dtype."""
+        weight = self.weight
+        if weight.dtype != residual.dtype:
+            weight, x = weight.to(residual.dtype), x.to(residual.dtype)
+        return torch.addmm(residual, x, weight.t(), alpha=alpha)
+
+
+def _plain(module: nn.Module) -> bool:
+    """A Factor as created here: not wrapped or re-classed by FSDP, no hooks of its own."""
+    return type(module) is Factor and not (module._forward_hooks or module._forward_pre_hooks)
 
 
 def init_a_zero_b(a: torch.Tensor, b: torch.Tensor, r: int, init: bool | str) -> None:
