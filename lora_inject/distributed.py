@@ -17,12 +17,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .inject import _require_adapter, adapter_configs, lora_layers, lora_state_dict
-from .io import _check_tensors, _expected, adapter_tensors, read_adapter_tensors, write_adapter
+from .inject import _require_adapter, lora_state_dict
+from .io import adapter_tensors, checked_tensors_for_existing, write_adapter
 from .layers import LoraLayer, ModulesToSave
 from .layers.linear import Factor
 from .peft_format import disk_key
-from .plan import Plan, PlannedLayer
 
 
 def broadcast_adapters(model: nn.Module, src: int = 0) -> None:
@@ -125,19 +124,7 @@ def load_adapter_weights(
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    _require_adapter(model, adapter)
-    config = adapter_configs(model)[adapter]
-    tensors = read_adapter_tensors(directory)
-    resolved = Plan([], [], None, {})
-    for path, layer in lora_layers(model):
-        if adapter in layer.r:
-            resolved.wrappers[path] = layer
-            resolved.layers.append(PlannedLayer(path, "", (), layer.r[adapter], 0.0, 0.0, 0))
-    resolved.modules_to_save = [
-        p for p, m in model.named_modules() if isinstance(m, ModulesToSave) and adapter in m.adapter_names
-    ]
-    required, optional = _expected(model, resolved, config)
-    _check_tensors(model, tensors, required, optional, config, strict, str(directory))
+    tensors, _, _ = checked_tensors_for_existing(model, directory, adapter, strict)
     by_disk_key = {disk_key(k, adapter): k for k in lora_state_dict(model, adapter)}
     state = {by_disk_key[k]: v for k, v in tensors.items() if k in by_disk_key}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))

@@ -324,8 +324,17 @@ def load_adapter_weights(
     For resuming training: the model keeps its wrappers and optimizer references stay valid.
     Checked first (keys, shapes) exactly as :func:`load_adapter`; nothing changes on error.
     """
+    tensors, required, optional = checked_tensors_for_existing(model, directory, adapter, strict)
+    _copy_in(model, tensors, {**optional, **required}, adapter)
+    return model
+
+
+def checked_tensors_for_existing(model: nn.Module, directory: str | os.PathLike, adapter: str, strict: bool):
+    """Read an adapter folder and check it against adapter ``adapter`` as injected in ``model``.
+
+    Returns ``(tensors, required, optional)`` as :func:`_expected` describes them.
+    """
     _require_adapter(model, adapter)
-    where = str(directory)
     config = adapter_configs(model)[adapter]
     tensors = read_adapter_tensors(directory)
     resolved = Plan([], [], None, {})
@@ -337,6 +346,5 @@ def load_adapter_weights(
         p for p, m in model.named_modules() if isinstance(m, ModulesToSave) and adapter in m.adapter_names
     ]
     required, optional = _expected(model, resolved, config)
-    _check_tensors(model, tensors, required, optional, config, strict, where)
-    _copy_in(model, tensors, {**optional, **required}, adapter)
-    return model
+    _check_tensors(model, tensors, required, optional, config, strict, str(directory))
+    return tensors, required, optional

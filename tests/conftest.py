@@ -41,6 +41,17 @@ def tiny_bert(**overrides):
     return t.BertForSequenceClassification(t.BertConfig(**cfg)).eval()
 
 
+class Holder(nn.Module):
+    """A one-layer model, so a single module can be targeted by name ("layer")."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
 class ConvNet(nn.Module):
     """Conv1d/2d/3d with stride, padding, dilation and a non-zero padding mode, plus a Linear head."""
 

@@ -218,6 +218,22 @@ def scenario_fsdp1_adapter_units():
     dist.barrier()
 
 
+def scenario_broadcast_init():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    torch.manual_seed(100 + rank())  # a rank-dependent adapter init: the silent failure
+    li.inject(model, targets=SEVEN, r=4, alpha=8)
+    before = li.lora_state_dict(model)["model.layers.0.self_attn.q_proj.lora_A.default.weight"].clone()
+    lid.broadcast_adapters(model)
+    state = li.lora_state_dict(model)
+    if rank() != 0:
+        assert not torch.equal(before, state["model.layers.0.self_attn.q_proj.lora_A.default.weight"])
+    flat = torch.cat([state[k].flatten() for k in sorted(state)])
+    gathered = [torch.zeros_like(flat) for _ in range(world())]
+    dist.all_gather(gathered, flat)
+    assert all(torch.equal(g, gathered[0]) for g in gathered), "ranks still differ after broadcast_adapters"
+
+
 def scenario_guards_on_sharded_model():
     model = shard(fresh())
     for call in (li.merge_and_unload, li.merge, lambda m: li.inject(m, targets=["q_proj"], adapter="x")):

