@@ -155,7 +155,7 @@ def resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_mus
             )
         wrappers[path] = wrapper
         planned.append(_planned(path, module, wrapper, config))
-    saves = _modules_to_save(named, config.modules_to_save or ())
+    saves = _modules_to_save(named, config.modules_to_save or (), every_target_must_match)
     misses = explain_misses(missed, named) if missed else ""
     return Plan(planned, saves, model, wrappers, misses)
 
@@ -169,12 +169,14 @@ def _planned(path: str, module: nn.Module, wrapper: LoraLayer, config: LoraConfi
     )
 
 
-def _modules_to_save(named, names) -> list[str]:
+def _modules_to_save(named, names, must_match: bool = True) -> list[str]:
+    """Paths of the modules to train in full. Lenient mode skips names that match nothing:
+    PEFT writes ``["classifier", "score"]`` for every sequence-classification adapter."""
     found = []
     for name in names:
         target = NameTarget(name)
         hits = [p for p, m in named if target.matches(p, m)]
-        if not hits:
+        if not hits and must_match:
             raise TargetNotFoundError(
                 f"modules_to_save names {name!r}, but no module matches it.\n"
                 + explain_misses([target], named)

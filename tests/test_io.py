@@ -56,6 +56,8 @@ PEFT_CASES = {
     "gpt2_conv1d": (tiny_gpt2, ids, dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),
     "bert_modules_to_save": (tiny_bert, ids, dict(target_modules=["query", "value"], modules_to_save=["classifier"])),
     "bert_bias_lora_only": (tiny_bert, ids, dict(target_modules=["query", "value"], bias="lora_only")),
+    # PEFT adds modules_to_save ["classifier", "score"] to every SEQ_CLS adapter; BERT has no "score"
+    "bert_seq_cls_task": (tiny_bert, ids, dict(target_modules=["query", "value"], task_type="SEQ_CLS")),
     "conv2d": (PlainConvNet, lambda: torch.randn(2, 3, 16, 16), dict(target_modules=["stem", "body", "point"])),
 }
 
@@ -65,7 +67,7 @@ def peft_model(name):
     base = make()
     config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kwargs)
     model = peft.get_peft_model(copy.deepcopy(base), config).eval()
-    if kwargs.get("bias") == "lora_only" or kwargs.get("modules_to_save"):
+    if kwargs.get("bias") == "lora_only" or kwargs.get("modules_to_save") or kwargs.get("task_type"):
         with torch.no_grad():  # make the extra tensors differ from the base so loading them is tested
             for n, p in model.named_parameters():
                 if p.requires_grad and ("bias" in n or "modules_to_save" in n):
