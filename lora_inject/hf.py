@@ -12,8 +12,7 @@ from torch import nn
 
 from .errors import AdapterFileError, ConfigError
 from .hooks import track
-from .inject import active_adapters, adapter_configs
-from .io import CONFIG_NAME, load_adapter, load_adapter_weights, read_adapter_config, save_adapter
+from .io import CONFIG_NAME, load_adapter, read_adapter_config
 
 _TASK_CLASSES = {
     "CAUSAL_LM": "AutoModelForCausalLM",
@@ -98,38 +97,6 @@ def enable_gradient_checkpointing(model: nn.Module, *, reentrant: bool = False) 
     return model
 
 
-class AdapterTrainer(transformers.Trainer):
-    """A ``transformers.Trainer`` whose checkpoints hold the adapter folder, not the full model.
-
-    Each ``checkpoint-N/`` gets ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's
-    format) instead of a full ``model.safetensors``; ``train(resume_from_checkpoint=...)`` and
-    ``load_best_model_at_end`` read them back into the injected adapter.
-    """
-
-    def _adapter_name(self) -> str:
-        active = active_adapters(self.model)
-        if len(active) != 1:
-            raise ConfigError(f"AdapterTrainer trains exactly one active adapter; active: {active}.")
-        return active[0]
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        save_adapter(model, output_dir, adapter=self._adapter_name())
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, transformers.trainer.TRAINING_ARGS_NAME))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        load_adapter_weights(model, resume_from_checkpoint, adapter=self._adapter_name())
-
-    def _load_best_model(self) -> None:
-        load_adapter_weights(self.model, self.state.best_model_checkpoint, adapter=self._adapter_name())
-
-
 def untie_note(model: nn.Module) -> None:
     """Record in a transformers config that input and output embeddings are no longer tied."""
     config = getattr(model, "config", None)
@@ -140,4 +107,13 @@ def untie_note(model: nn.Module) -> None:
             cfg.tie_word_embeddings = False
 
 
-__all__ = ["AdapterTrainer", "adapter_configs", "enable_gradient_checkpointing", "from_pretrained", "untie_note"]
+def __getattr__(name: str):
+    """``AdapterTrainer`` is defined on first use: transformers' Trainer needs accelerate installed."""
+    if name == "AdapterTrainer":
+        from .hf_trainer import AdapterTrainer
+
+        return AdapterTrainer
+    raise AttributeError(f"module 'lora_inject.hf' has no attribute {name!r}")
+
+
+__all__ = ["enable_gradient_checkpointing", "from_pretrained", "untie_note"]
