@@ -30,17 +30,14 @@ from .inject import (
     inject,
     lora_layers,
     lora_state_dict,
-    merge,
-    merge_and_unload,
     plan,
     reset_adapters,
     set_adapter,
     trainable_parameters,
-    unload,
-    unmerge,
 )
 from .io import load_adapter, load_adapter_weights, read_adapter_config, read_adapter_tensors, save_adapter
 from .layers import LoraConv, LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, register
+from .merging import merge, merge_and_unload, unload, unmerge
 from .presets import preset
 
 __version__ = "0.1.0"

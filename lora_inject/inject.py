@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import sys
-import warnings
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -285,91 +282,3 @@ def lora_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, tor
     if config.bias == "all":
         out.update({k: v.detach() for k, v in model.state_dict().items() if k == "bias" or k.endswith(".bias")})
     return out
-
-
-# ----- merging ------------------------------------------------------------------------------
-def merge(model: nn.Module, adapters: str | Iterable[str] | None = None, *, safe: bool = True) -> None:
-    """Fold adapters (default: the active ones) into the base weights; the wrappers stay.
-
-    Computed in float32, cast back once. Already-merged adapters are skipped (with a warning),
-    never added twice. ``safe=True`` checks every merged weight for NaN/inf before writing any.
-    """
-    check_not_distributed(model, "merge adapters")
-    names = None if adapters is None else ([adapters] if isinstance(adapters, str) else list(adapters))
-    for name in names or ():
-        _require_adapter(model, name)
-    layers = [layer for _, layer in lora_layers(model)]
-    _untie_shared_weights(model, layers)
-    if safe:
-        for layer in layers:
-            for name in names if names is not None else layer.active_adapters:
-                if name in layer.r and name not in layer.merged_adapters:
-                    layer.check_merge(name)
-    for layer in layers:
-        layer.merge([n for n in (names if names is not None else layer.active_adapters) if n in layer.r])
-
-
-def _untie_shared_weights(model: nn.Module, layers: list[LoraLayer]) -> None:
-    """Give a wrapped layer its own weight when it shares it (tied embeddings/lm_head) before merging.
-
-    Merging into a shared tensor would silently change the other module too.
-    """
-    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    untied = []
-    for layer in layers:
-        weight = layer.base_layer.weight
-        if uses[id(weight)] > 1 and any(n not in layer.merged_adapters for n in layer.active_adapters):
-            layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-            untied.append(layer)
-    if untied:
-        if "transformers" in sys.modules:
-            from .hf import untie_note
-
-            untie_note(model)
-        warnings.warn(
-            f"{len(untied)} merged layer(s) shared their weight with another module (tied embeddings); each got "
-            "its own copy so the merge changes only the adapted module. The model's config now says "
-            "tie_word_embeddings=False.",
-            stacklevel=3,
-        )
-
-
-def unmerge(model: nn.Module) -> None:
-    """Subtract every merged adapter from the base weights again."""
-    for _, layer in lora_layers(model):
-        layer.unmerge()
-
-
-def _unwrap(model: nn.Module, keep_merged: bool) -> nn.Module:
-    for path, module in list(_adapter_modules(model)):
-        if isinstance(module, LoraLayer):
-            if not keep_merged:
-                module.unmerge()
-            replacement = module.base_layer
-        else:
-            use_copy = keep_merged and module.active_adapter is not None
-            replacement = module.modules_to_save[module.active_adapter] if use_copy else module.original_module
-        replacement.requires_grad_(False)
-        _set_submodule(model, path, replacement)
-    if hasattr(model, _STATE_ATTR):
-        object.__delattr__(model, _STATE_ATTR)
-    from .hooks import remove_hooks
-
-    remove_hooks(model)
-    return model
-
-
-def merge_and_unload(model: nn.Module, adapters: str | Iterable[str] | None = None, *, safe: bool = True) -> nn.Module:
-    """Merge adapters (default: the active ones) and return the plain model, with the original module types.
-
-    ``modules_to_save`` are replaced by the active adapter's trained copy. With ``safe=True``
-    (the default) nothing is written if any merged weight would hold NaN/inf.
-    """
-    check_not_distributed(model, "merge adapters")
-    merge(model, adapters, safe=safe)
-    return _unwrap(model, keep_merged=True)
-
-
-def unload(model: nn.Module) -> nn.Module:
-    """Remove every adapter and return the plain model with its original weights (merged adapters are subtracted)."""
-    return _unwrap(model, keep_merged=False)
