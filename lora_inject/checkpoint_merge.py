@@ -45,6 +45,28 @@ class Edit:
     scale: float = 1.0
     is_embedding: bool = False
 
+    def fit(self, key: str, shape: tuple[int, ...]) -> bool:
+        """Check the factors against the stored weight's shape; settle Linear vs Conv1D layout by shape.
+
+        Returns whether the shape decided the layout (a square weight cannot).
+        """
+        out_features, in_features = self.b.shape[0], self.a.shape[1]
+        if self.kind == "conv":
+            expected = {(out_features, in_features, *self.a.shape[2:])}
+        elif self.is_embedding:
+            expected = {(in_features, out_features)}
+        else:
+            expected = {(out_features, in_features), (in_features, out_features)}
+        if shape not in expected:
+            raise MergeError(
+                f"{key}: the checkpoint stores shape {shape}, but the adapter's factors make "
+                f"{' or '.join(map(str, sorted(expected)))}. The adapter was trained on another model."
+            )
+        if self.kind in ("linear", "transposed") and not self.is_embedding and len(expected) == 2:
+            self.kind = "linear" if shape == (out_features, in_features) else "transposed"
+            return True
+        return False
+
     def delta_rows(self, i: int, j: int) -> torch.Tensor:
         """Rows [i, j) of ``scale * delta`` in float32, shaped like the stored weight's rows."""
         a, b = self.a.float(), self.b.float()
@@ -127,6 +149,37 @@ def _match_keys(edits: dict[str, Edit], all_keys: set[str]) -> dict[str, Edit]:
     return matched
 
 
+def _check_shapes(base: Path, shards: list[Shard], matched: dict[str, Edit]) -> None:
+    """Every edit against its stored tensor's shape, before anything is written.
+
+    Linear-like weights whose shape cannot tell (square) follow the layout the other weights
+    showed (all GPT-2 projections are Conv1D), else the config's ``fan_in_fan_out``.
+    """
+    square, decided = [], set()
+    for shard in shards:
+        keys = [k for k in shard.keys if k in matched]
+        if not keys:
+            continue
+        with safe_open(str(base / shard.name), "pt") as handle:
+            for key in keys:
+                shape = tuple(handle.get_slice(key).get_shape())
+                edit = matched[key]
+                if edit.kind is not None:
+                    kind_before = edit.kind
+                    if edit.fit(key, shape):
+                        decided.add(edit.kind)
+                    elif kind_before in ("linear", "transposed") and not edit.is_embedding:
+                        square.append(edit)
+                elif tuple(edit.replacement.shape) != shape:
+                    raise MergeError(
+                        f"{key}: the adapter replaces it with shape {tuple(edit.replacement.shape)}, "
+                        f"the checkpoint stores {shape}."
+                    )
+    if len(decided) == 1:
+        for edit in square:
+            edit.kind = next(iter(decided))
+
+
 def _check_tied(base: Path, matched: dict[str, Edit]) -> None:
     """Refuse to merge into an input embedding that a language-model head shares (stored once)."""
     config_path = base / "config.json"
@@ -149,10 +202,7 @@ def merged_tensor_rows(tensor_slice, edit: Edit | None, out_dtype: torch.dtype |
     in_dtype = DTYPES[tensor_slice.get_dtype()]
     dtype = out_dtype if (out_dtype is not None and in_dtype.is_floating_point) else in_dtype
     if edit is not None and edit.replacement is not None:
-        replacement = edit.replacement.to(dtype)
-        if tuple(replacement.shape) != shape:
-            raise MergeError(f"adapter tensor of shape {tuple(replacement.shape)} replaces one of shape {shape}")
-        full_slice = replacement
+        full_slice = edit.replacement.to(dtype)
     else:
         full_slice = None
     rows = shape[0] if shape else 1
@@ -194,6 +244,7 @@ def merge_checkpoint(
     all_keys = {k for s in shards for k in s.keys}
     matched = _match_keys(plan_edits(config, tensors, fan_in_fan_out), all_keys)
     _check_tied(base, matched)
+    _check_shapes(base, shards, matched)
     out_dtype = OUT_DTYPES.get(dtype) if dtype else None
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

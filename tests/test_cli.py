@@ -176,3 +176,29 @@ def test_demo_dataset_is_deterministic_and_balanced():
     assert "brilliant" not in train_words and any("brilliant" in s for s, _ in test)
     labels = dict(train + test)
     assert labels.get("the food was not great.", 0) == 0 and labels.get("the food was great.", 1) == 1
+
+
+def test_merge_refuses_adapter_for_another_size_before_writing(tmp_path, capsys):
+    tiny_llama().save_pretrained(tmp_path / "base")
+    other = li.inject(tiny_llama(hidden_size=48, num_attention_heads=4, num_key_value_heads=2), targets=["q_proj"])
+    li.save_adapter(other, tmp_path / "adapter")
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out")]) == 2
+    assert "trained on another model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not [p for p in os.listdir(tmp_path) if "partial" in p]
+
+
+def test_merge_settles_conv1d_layout_by_shape_even_if_config_says_otherwise(tmp_path):
+    _checkpoint(tmp_path, "gpt2")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["fan_in_fan_out"] = False  # wrong, as some hand-written configs are
+    config_path.write_text(json.dumps(config))
+    base_args = [str(tmp_path / "base"), str(tmp_path / "adapter")]
+    assert main(["merge", *base_args, str(tmp_path / "out"), "--verify", "--quiet"]) == 0
+    reference = li.from_pretrained(tmp_path / "base", tmp_path / "adapter", model_class=t.GPT2LMHeadModel)
+    merged = read_all(tmp_path / "out")
+    expected = li.merge_and_unload(reference).state_dict()
+    # c_fc (32, 128) shows the Conv1D layout by its shape; the square attn.c_proj (32, 32) follows it
+    assert tuple(merged["transformer.h.0.attn.c_proj.weight"].shape) == (32, 32)
+    for key in merged:
+        assert torch.equal(merged[key], expected[key]), key
