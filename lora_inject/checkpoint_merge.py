@@ -199,8 +199,7 @@ def _check_tied(base: Path, matched: dict[str, Edit]) -> None:
 def merged_tensor_rows(tensor_slice, edit: Edit | None, out_dtype: torch.dtype | None) -> Iterator[torch.Tensor]:
     """The output tensor in row chunks: base rows cast to the output dtype, plus the delta in float32."""
     shape = tuple(tensor_slice.get_shape())
-    in_dtype = DTYPES[tensor_slice.get_dtype()]
-    dtype = out_dtype if (out_dtype is not None and in_dtype.is_floating_point) else in_dtype
+    dtype = _out_dtype(tensor_slice, out_dtype)
     if edit is not None and edit.replacement is not None:
         full_slice = edit.replacement.to(dtype)
     else:

@@ -81,7 +81,7 @@ def inject_resolved(model: nn.Module, resolved: Plan, config: LoraConfig, adapte
     first_adapter = not getattr(model, _STATE_ATTR, None)
     touched = _apply(model, resolved, config, adapter)
     model.requires_grad_(False)
-    getattr_or_set(model).update({adapter: config})
+    _config_record(model).update({adapter: config})
     if first_adapter:  # nothing else to deactivate: skip walking the whole model again
         for module in touched:
             module.set_active([adapter])
@@ -129,7 +129,7 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_path) if parent_path else model, name, module)
 
 
-def getattr_or_set(model: nn.Module) -> dict[str, LoraConfig]:
+def _config_record(model: nn.Module) -> dict[str, LoraConfig]:
     """The ``{adapter: LoraConfig}`` record kept on the model (created empty if missing)."""
     if not hasattr(model, _STATE_ATTR):
         object.__setattr__(model, _STATE_ATTR, {})
