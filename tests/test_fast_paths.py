@@ -144,3 +144,119 @@ def test_torch_compile_fullgraph_matches_eager(dropout, training):
         want = [p.grad for p in model.parameters() if p.requires_grad]
         for g, w in zip(got_grads, want):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def _linear_cases():
+    from transformers.pytorch_utils import Conv1D
+
+    conv1d = Conv1D(20, 24)  # transformers' layout: weight (in=24, out=20)
+    nn.init.normal_(conv1d.bias)
+    return {"linear": nn.Linear(24, 20), "linear_no_bias": nn.Linear(24, 20, bias=False), "conv1d": conv1d}
+
+
+def _fused(out: torch.Tensor) -> bool:
+    """Whether ``out`` came from the fused LoRA function (possibly through a reshape)."""
+    node = out.grad_fn
+    if type(node).__name__ in ("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0"):
+        node = node.next_functions[0][0]
+    return type(node).__name__ == "LoraLinearFunctionBackward"
+
+
+def _plain_formula(layer, x, mask=None, keep=1.0):
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    dropped = x if mask is None else x * mask / keep
+    return layer.base_layer(x) + layer.scaling["default"] * F.linear(F.linear(dropped, a), b)
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear_no_bias", "conv1d"])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("train_base", [False, True])
+def test_fused_path_taken_and_equal_to_plain_formula(kind, p, train_base):
+    """Every input's gradient, with the base frozen or trained (bias='all' / full fine-tuning next to LoRA)."""
+    model = Holder(_linear_cases()[kind].double())
+    li.inject(model, targets=["layer"], r=3, alpha=5, dropout=p, adapter_dtype=torch.float64)
+    randomize_adapters(model, std=0.3)
+    model.train()
+    layer = model.layer
+    layer.base_layer.requires_grad_(train_base)
+    x = torch.randn(2, 7, 24, dtype=torch.float64, requires_grad=True)
+
+    torch.manual_seed(7)
+    out = model(x)
+    assert _fused(out)  # the fast path ran
+    grad_out = torch.randn_like(out)
+    leaves = [x, *(p_ for p_ in model.parameters() if p_.requires_grad)]
+    got = (out, *torch.autograd.grad(out, leaves, grad_out))
+
+    torch.manual_seed(7)
+    mask = keep_mask(torch.Size([14, 24]), p, x.device).view(x.shape) if p > 0 else None
+    ref = _plain_formula(layer, x, mask, keep_probability(p))
+    want = (ref, *torch.autograd.grad(ref, leaves, grad_out))
+    assert len(leaves) == (3 if not train_base else 4 if kind == "linear_no_bias" else 5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_fused_inference_equals_plain_formula(kind):
+    model = Holder(_linear_cases()[kind])
+    li.inject(model, targets=["layer"], r=4, dropout=0.3)
+    randomize_adapters(model, std=0.3)
+    model.eval()  # dropout off
+    x = torch.randn(3, 5, 24)
+    with torch.inference_mode():
+        got = model(x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), got, atol=0, rtol=0)
+        torch.testing.assert_close(got, _plain_formula(model.layer, x), atol=1e-6, rtol=1e-5)
+
+
+def test_hooks_and_autocast_take_the_general_path_and_still_run():
+    model = Holder(nn.Linear(24, 20))
+    li.inject(model, targets=["layer"], r=4)
+    randomize_adapters(model, std=0.3)
+    x = torch.randn(4, 24, requires_grad=True)
+    calls = []
+    handle = model.layer.base_layer.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    out = model(x)
+    handle.remove()
+    assert calls == [torch.Size([4, 20])]  # the base layer's hook ran: it was called, not bypassed
+    assert not _fused(out)
+    torch.testing.assert_close(out, _plain_formula(model.layer, x))
+    global_handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+    try:
+        model(x)
+    finally:
+        global_handle.remove()
+    assert "Linear" in calls  # the global hook saw the base layer too
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = model(x)
+        expected = _plain_formula(model.layer, x)
+    assert auto.dtype == torch.bfloat16
+    torch.testing.assert_close(auto.float(), expected.float(), atol=0.05, rtol=0.02)
+
+
+def test_fused_path_with_bf16_base_and_fp32_adapters_matches_reference():
+    torch.manual_seed(0)
+    model = Holder(nn.Linear(64, 48).to(torch.bfloat16))
+    li.inject(model, targets=["layer"], r=8)
+    randomize_adapters(model, std=0.2)
+    model.train()
+    layer = model.layer
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randn(16, 64, dtype=torch.bfloat16, requires_grad=True)
+    out = model(x)
+    assert out.dtype == torch.bfloat16 and _fused(out)
+    out.float().pow(2).sum().backward()
+    grads = [layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad]
+    assert all(g.dtype == torch.float32 for g in grads)
+    # reference: the same computation in fp64 from the same bf16 inputs
+    a, b = (layer.lora_A["default"].weight.detach().double().requires_grad_(),
+            layer.lora_B["default"].weight.detach().double().requires_grad_())
+    w, bias = layer.base_layer.weight.double(), layer.base_layer.bias.double()
+    x64 = x.detach().double()
+    ref = F.linear(x64, w, bias) + layer.scaling["default"] * F.linear(F.linear(x64, a), b)
+    ref.pow(2).sum().backward()
+    torch.testing.assert_close(out.double(), ref, atol=0.1, rtol=0.02)
+    for g, w_ in zip(grads, (a.grad, b.grad)):
+        assert (g.double() - w_).norm() / w_.norm() < 0.02

@@ -9,6 +9,7 @@ from torch import nn
 
 from .base import LoraLayer
 from .dropout import dropped_projection
+from .fused import allow_direct, autocast_enabled, direct_weight, lora_linear
 
 
 class LoraLinear(LoraLayer):
@@ -42,6 +43,28 @@ class LoraLinear(LoraLayer):
     def _entry(self, name: str) -> tuple:
         return name, self.scaling[name], self.lora_dropout[name]
 
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        running = self._running
+        if len(running) == 1 and not args and not kwargs:
+            fused = self._forward_fused(x, running[0])
+            if fused is not None:
+                return fused
+        return super().forward(x, *args, **kwargs)
+
+    def _forward_fused(self, x: torch.Tensor, entry: tuple) -> torch.Tensor | None:
+        """Base and adapter in one :func:`lora_linear` call, or None where that is not safe (see fused.py)."""
+        name, scale, p = entry
+        direct = direct_weight(self.base_layer)
+        if direct is None:
+            return None
+        weight, bias = direct
+        factor_a, factor_b = self._modules["lora_A"]._modules[name], self._modules["lora_B"]._modules[name]
+        if not (_plain(factor_a) and _plain(factor_b)) or x.dtype != weight.dtype or autocast_enabled(x):
+            return None
+        dropout = p if self.training else 0.0
+        y = lora_linear(x.reshape(-1, x.shape[-1]), weight, bias, factor_a.weight, factor_b.weight, scale, dropout)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
     def _add_lora(self, entry: tuple, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         name, scale, p = entry
         factor_a, factor_b = self.lora_A._modules[name], self.lora_B._modules[name]
@@ -60,6 +83,12 @@ class LoraLinear(LoraLayer):
 
 class LoraConv1D(LoraLinear):
     """transformers' Conv1D: ``y = x @ W + b`` with W (in, out); the merged delta is transposed."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        kind = type(base_layer)
+        if kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers."):
+            allow_direct(kind, transposed=True)  # its forward is x @ W + b, nothing else
 
     def _io_features(self) -> tuple[int, int]:
         in_features, out_features = self.base_layer.weight.shape

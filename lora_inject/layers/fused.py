@@ -1,0 +1,149 @@
+"""One call for ``y = x @ W.T + bias + scale * (x @ A.T) @ B.T`` when the base is a plain Linear.
+
+Autograd over the separate ops costs, per adapted module: a copy of y (out-of-place
+addmm), a separate pass that adds the adapter's share of ``grad_x`` to the base's, and
+five or six graph nodes. Here the adapter update is accumulated into y in place and,
+in backward, into ``grad_x`` by the same GEMM that computes it (``addmm_``, beta=1).
+Outputs and gradients equal the plain formula (tests compare them to 1e-5 in fp32).
+
+Used only where it is safe to skip the base module's ``__call__``: the exact types
+below, no hooks anywhere, a plain ``nn.Parameter`` weight (not FSDP/DTensor/quantized),
+no autocast; everything else goes through the general path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.module import (  # dicts that torch updates in place: safe to bind once
+    _global_backward_hooks,
+    _global_backward_pre_hooks,
+    _global_forward_hooks,
+    _global_forward_pre_hooks,
+)
+
+from .dropout import keep_mask, keep_probability, pack_bits, unpack_bits
+
+_TRANSPOSED = {}  # base type -> whether its weight is stored (in, out); filled by `allow_direct`
+
+
+def allow_direct(base_type: type, transposed: bool = False) -> None:
+    """Let the fast path compute ``base_type`` as ``x @ W.T + b`` (``x @ W + b`` if ``transposed``)."""
+    _TRANSPOSED[base_type] = transposed
+
+
+allow_direct(nn.Linear)
+
+
+def _no_hooks(module: nn.Module) -> bool:
+    """True when ``module(x)`` would run just ``module.forward(x)`` (nn.Module's own fast-path test)."""
+    return not (
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        or module._backward_pre_hooks or _global_forward_hooks or _global_forward_pre_hooks
+        or _global_backward_hooks or _global_backward_pre_hooks
+    )
+
+
+def autocast_enabled(x: torch.Tensor) -> bool:
+    """Whether autocast is on (for any device: one C call where torch has it)."""
+    return _any_autocast() if _any_autocast is not None else torch.is_autocast_enabled(x.device.type)
+
+
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def direct_weight(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(W as (out, in), bias)`` if ``base(x)`` may be computed as ``F.linear(x, W, bias)``, else None."""
+    transposed = _TRANSPOSED.get(type(base))
+    if transposed is None or not _no_hooks(base):
+        return None
+    weight = base._parameters.get("weight")
+    if type(weight) is not nn.Parameter:
+        return None
+    return (weight.t() if transposed else weight), base._parameters.get("bias")
+
+
+def lora_linear(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """``x2 @ weight.T + bias + scale * (dropout(x2) @ a.T) @ b.T``.
+
+    Shapes: x2 (N, in), weight (out, in), a (r, in), b (out, r) -> (N, out). a and b are cast
+    to x2's dtype (r * (in + out) elements), never x2 to theirs. ``dropout`` > 0 draws a mask
+    (see dropout.py); pass 0 outside training.
+    """
+    if a.dtype != x2.dtype:
+        a, b = a.to(x2.dtype), b.to(x2.dtype)
+    mask = keep_mask(x2.shape, dropout, x2.device) if dropout > 0.0 else None
+    if torch.is_grad_enabled() and (
+        x2.requires_grad or weight.requires_grad or a.requires_grad or b.requires_grad
+        or (bias is not None and bias.requires_grad)
+    ):
+        return LoraLinearFunction.apply(x2, weight, bias, a, b, scale, mask, dropout)[0]
+    return _forward(x2, weight, bias, a, b, scale, mask, dropout)[0]
+
+
+def _forward(x2, weight, bias, a, b, scale, mask, dropout) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(y, h, effective scale); h = dropout-masked x2 @ a.T (N, r), 1/keep folded into the scale."""
+    if mask is not None:
+        scale = scale / keep_probability(dropout)
+        h = torch.mm(x2 * mask, a.t())
+    else:
+        h = torch.mm(x2, a.t())
+    y = F.linear(x2, weight, bias)  # (N, out), fresh: safe to update in place
+    return y.addmm_(h, b.t(), alpha=scale), h, scale
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """Forward and backward of :func:`lora_linear`.
+
+    Saves x2, h = dropout(x2) @ a.T (N, r), the weights, and with dropout the mask packed
+    to one bit per element (never a dropped copy of x2).
+    """
+
+    @staticmethod
+    def forward(x2, weight, bias, a, b, scale, mask, dropout):
+        y, h, _ = _forward(x2, weight, bias, a, b, scale, mask, dropout)
+        packed = pack_bits(mask) if mask is not None else None
+        return y, h, packed
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x2, weight, bias, a, b, scale, mask, dropout = inputs
+        _, h, packed = output
+        ctx.save_for_backward(x2, weight, a, b, h, packed)
+        ctx.scale = scale / keep_probability(dropout) if mask is not None else scale
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(*(t for t in (h, packed) if t is not None))
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor, *_unused) -> tuple:
+        x2, weight, a, b, h, packed = ctx.saved_tensors
+        scale = ctx.scale
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        mask = unpack_bits(packed, x2.shape, x2.dtype) if packed is not None else None  # 0/1 in x2's dtype
+        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        grad_y = grad_y.contiguous()
+        grad_h = torch.mm(grad_y, b) if (need_x or need_a) else None  # (N, r), without the scale
+        if need_x:
+            grad_x = torch.mm(grad_y, weight)
+            if mask is None:
+                grad_x.addmm_(grad_h, a, alpha=scale)  # the adapter's share added by the GEMM itself
+            else:
+                grad_x.addcmul_(torch.mm(grad_h, a), mask, value=scale)
+        if need_w:
+            grad_w = torch.mm(grad_y.t(), x2)
+        if need_bias and ctx.has_bias:
+            grad_bias = grad_y.sum(0)
+        if need_a:
+            grad_a = torch.mm(grad_h.t(), x2 if mask is None else x2 * mask).mul_(scale)
+        if need_b:
+            grad_b = torch.mm(grad_y.t(), h).mul_(scale)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
