@@ -20,6 +20,16 @@ def test_bit_packing_round_trip(shape):
     assert torch.equal(unpack_bits(packed, mask.shape), mask)
 
 
+def test_bit_packing_every_byte_value():
+    import itertools
+
+    patterns = torch.tensor(list(itertools.product([False, True], repeat=8)))  # (256, 8)
+    packed = pack_bits(patterns)
+    weights = 2 ** torch.arange(8)
+    assert torch.equal(packed.long(), (patterns.long() * weights).sum(1))  # element 8j + i is bit i of byte j
+    assert torch.equal(unpack_bits(packed, patterns.shape), patterns)
+
+
 def _reference(layer, x, mask, p):
     """The plain formula, with a given dropout mask."""
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight

@@ -17,22 +17,38 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
+# Eight 0/1 bytes read as one little-endian int64 word are folded into its low byte with
+# three shift-or steps, and spread back the same way: a few integer ops per 8 elements, where
+# shifting and summing every element costs several passes over the whole mask. No step
+# overflows (the top set bit is 56), so compiled kernels see no signed wrap-around.
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """(any shape) bool -> (ceil(n / 8),) uint8, little-endian bits."""
-    flat = mask.reshape(-1).to(torch.uint8)
+    """(any shape) bool -> (ceil(n / 8),) uint8, bit i of byte j = element 8j + i.
+
+    ``mask`` must start on an 8-byte boundary of its storage (any freshly made mask does).
+    """
+    flat = mask.reshape(-1)
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.view(-1, 8) << _SHIFTS.to(flat.device)).sum(dim=1, dtype=torch.uint8)
+    words = flat.view(torch.uint8).view(torch.int64)  # byte i of a word (0 or 1) at bit 8i
+    words = words | (words >> 7)  # bits 0-1 hold bytes 0-1, bits 16-17 bytes 2-3, ...
+    words = words | (words >> 14)  # bits 0-3 hold bytes 0-3, bits 32-35 bytes 4-7
+    words = words | (words >> 28)  # bits 0-7 hold bytes 0-7
+    return (words & 0xFF).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, shape: torch.Size, dtype: torch.dtype = torch.bool) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: (ceil(n / 8),) uint8 -> 0/1 of ``shape`` in ``dtype``."""
-    bits = (packed.unsqueeze(1) >> _SHIFTS.to(packed.device)) & 1
-    return bits.reshape(-1)[: shape.numel()].view(shape).to(dtype)
+    """Inverse of :func:`pack_bits`: (ceil(n / 8),) uint8 -> 0/1 of ``shape`` as bool or uint8 (free views).
+
+    Backward passes use uint8: inductor cannot vectorise bool-to-float conversions.
+    """
+    words = packed.to(torch.int64)
+    words = (words & 0x0F) | ((words & 0xF0) << 28)  # bits 0-3 -> 0-3, bits 4-7 -> 32-35
+    words = (words & 0x0000000300000003) | ((words & 0x0000000C0000000C) << 14)  # pairs 16 bits apart
+    words = (words & 0x0001000100010001) | ((words & 0x0002000200020002) << 7)  # one bit per byte
+    return words.view(torch.uint8).view(dtype)[: shape.numel()].view(shape)
 
 
 _LEVELS = 1 << 16
@@ -70,7 +86,7 @@ class DroppedProjection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h: torch.Tensor, _grad_packed) -> tuple:
         x, a, packed = ctx.saved_tensors
-        mask = unpack_bits(packed, x.shape, x.dtype)  # 0/1 in x's dtype: no bool kernels to compile
+        mask = unpack_bits(packed, x.shape, torch.uint8)
         grad_x = grad_a = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad_h @ (a / ctx.keep).to(grad_h.dtype)) * mask

@@ -36,12 +36,11 @@ def allow_direct(base_type: type, transposed: bool = False) -> None:
 allow_direct(nn.Linear)
 
 
-def _no_hooks(module: nn.Module) -> bool:
+def no_hooks(module: nn.Module) -> bool:
     """True when ``module(x)`` would run just ``module.forward(x)`` (nn.Module's own fast-path test)."""
     return not (
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-        or module._backward_pre_hooks or _global_forward_hooks or _global_forward_pre_hooks
-        or _global_backward_hooks or _global_backward_pre_hooks
+        _global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks or _global_backward_pre_hooks
+        or module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
     )
 
 
@@ -56,7 +55,7 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
 def direct_weight(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``(W as (out, in), bias)`` if ``base(x)`` may be computed as ``F.linear(x, W, bias)``, else None."""
     transposed = _TRANSPOSED.get(type(base))
-    if transposed is None or not _no_hooks(base):
+    if transposed is None or not no_hooks(base):
         return None
     weight = base._parameters.get("weight")
     if type(weight) is not nn.Parameter:
@@ -128,7 +127,7 @@ class LoraLinearFunction(torch.autograd.Function):
         x2, weight, a, b, h, packed = ctx.saved_tensors
         scale = ctx.scale
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        mask = unpack_bits(packed, x2.shape, x2.dtype) if packed is not None else None  # 0/1 in x2's dtype
+        mask = unpack_bits(packed, x2.shape, torch.uint8) if packed is not None else None
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         grad_y = grad_y.contiguous()
         grad_h = torch.mm(grad_y, b) if (need_x or need_a) else None  # (N, r), without the scale

@@ -9,7 +9,7 @@ from torch import nn
 
 from .base import LoraLayer
 from .dropout import dropped_projection
-from .fused import allow_direct, autocast_enabled, direct_weight, lora_linear
+from .fused import allow_direct, autocast_enabled, direct_weight, lora_linear, no_hooks
 
 
 class LoraLinear(LoraLayer):
@@ -45,25 +45,26 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         running = self._running
-        if len(running) == 1 and not args and not kwargs:
-            fused = self._forward_fused(x, running[0])
-            if fused is not None:
-                return fused
+        if len(running) == 1 and not (args or kwargs):
+            name, scale, p = running[0]
+            operands = self._fused_operands(name, x)
+            if operands is not None:
+                dropout = p if self.training else 0.0
+                y = lora_linear(x.reshape(-1, x.shape[-1]), *operands, scale, dropout)  # (N, out)
+                return y.view(*x.shape[:-1], y.shape[-1])
         return super().forward(x, *args, **kwargs)
 
-    def _forward_fused(self, x: torch.Tensor, entry: tuple) -> torch.Tensor | None:
-        """Base and adapter in one :func:`lora_linear` call, or None where that is not safe (see fused.py)."""
-        name, scale, p = entry
-        direct = direct_weight(self.base_layer)
+    def _fused_operands(self, name: str, x: torch.Tensor) -> tuple | None:
+        """(W (out, in), bias, A, B) for :func:`lora_linear`, or None where skipping the modules' own
+        ``__call__`` would change what runs (hooks, FSDP, quantized weights, autocast; see fused.py)."""
+        modules = self._modules
+        direct = direct_weight(modules["base_layer"])
         if direct is None:
             return None
-        weight, bias = direct
-        factor_a, factor_b = self._modules["lora_A"]._modules[name], self._modules["lora_B"]._modules[name]
-        if not (_plain(factor_a) and _plain(factor_b)) or x.dtype != weight.dtype or autocast_enabled(x):
+        factor_a, factor_b = modules["lora_A"]._modules[name], modules["lora_B"]._modules[name]
+        if not (_plain(factor_a) and _plain(factor_b)) or x.dtype != direct[0].dtype or autocast_enabled(x):
             return None
-        dropout = p if self.training else 0.0
-        y = lora_linear(x.reshape(-1, x.shape[-1]), weight, bias, factor_a.weight, factor_b.weight, scale, dropout)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return (*direct, factor_a.weight, factor_b.weight)
 
     def _add_lora(self, entry: tuple, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         name, scale, p = entry
@@ -143,8 +144,8 @@ class Factor(nn.Linear):
 
 
 def _plain(module: nn.Module) -> bool:
-    """A Factor as created here: not wrapped or re-classed by FSDP, no hooks of its own."""
-    return type(module) is Factor and not (module._forward_hooks or module._forward_pre_hooks)
+    """A Factor as created here: not wrapped or re-classed by FSDP, no hooks that calling it would run."""
+    return type(module) is Factor and no_hooks(module)
 
 
 def init_a_zero_b(a: torch.Tensor, b: torch.Tensor, r: int, init: bool | str) -> None:
