@@ -64,7 +64,7 @@ def direct_weight(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] |
 
 
 def lora_linear(
-    x2: torch.Tensor,
+    x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     a: torch.Tensor,
@@ -72,32 +72,38 @@ def lora_linear(
     scale: float,
     dropout: float = 0.0,
 ) -> torch.Tensor:
-    """``x2 @ weight.T + bias + scale * (dropout(x2) @ a.T) @ b.T``.
+    """``x @ weight.T + bias + scale * (dropout(x) @ a.T) @ b.T``.
 
-    Shapes: x2 (N, in), weight (out, in), a (r, in), b (out, r) -> (N, out). a and b are cast
-    to x2's dtype (r * (in + out) elements), never x2 to theirs. ``dropout`` > 0 draws a mask
-    (see dropout.py); pass 0 outside training.
+    Shapes: x (..., in), weight (out, in), a (r, in), b (out, r) -> (..., out). a and b are
+    cast to x's dtype (r * (in + out) elements), never x to theirs. ``dropout`` > 0 draws a
+    mask (see dropout.py); pass 0 outside training.
     """
-    if a.dtype != x2.dtype:
-        a, b = a.to(x2.dtype), b.to(x2.dtype)
-    mask = keep_mask(x2.shape, dropout, x2.device) if dropout > 0.0 else None
+    if a.dtype != x.dtype:
+        a, b = a.to(x.dtype), b.to(x.dtype)
+    mask = keep_mask(x.shape, dropout, x.device) if dropout > 0.0 else None
     if torch.is_grad_enabled() and (
-        x2.requires_grad or weight.requires_grad or a.requires_grad or b.requires_grad
+        x.requires_grad or weight.requires_grad or a.requires_grad or b.requires_grad
         or (bias is not None and bias.requires_grad)
     ):
-        return LoraLinearFunction.apply(x2, weight, bias, a, b, scale, mask, dropout)[0]
-    return _forward(x2, weight, bias, a, b, scale, mask, dropout)[0]
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in): backward's GEMMs want 2-D operands
+        mask2 = mask.view(x2.shape) if mask is not None else None
+        y = LoraLinearFunction.apply(x2, weight, bias, a, b, scale, mask2, dropout)[0]
+        return y.view(*x.shape[:-1], y.shape[-1])
+    return _forward(x, weight, bias, a, b, scale, mask, dropout)[0]
 
 
-def _forward(x2, weight, bias, a, b, scale, mask, dropout) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(y, h, effective scale); h = dropout-masked x2 @ a.T (N, r), 1/keep folded into the scale."""
+def _forward(x, weight, bias, a, b, scale, mask, dropout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, h) for x (..., in); h = dropout-masked x @ a.T (..., r), with 1/keep folded into the scale."""
     if mask is not None:
         scale = scale / keep_probability(dropout)
-        h = torch.mm(x2 * mask, a.t())
+        h = F.linear(x * mask, a)
     else:
-        h = torch.mm(x2, a.t())
-    y = F.linear(x2, weight, bias)  # (N, out), fresh: safe to update in place
-    return y.addmm_(h, b.t(), alpha=scale), h, scale
+        h = F.linear(x, a)
+    y = F.linear(x, weight, bias)  # (..., out), fresh: safe to update in place
+    if not y.is_contiguous():
+        y = y.contiguous()
+    y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=scale)
+    return y, h
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -109,7 +115,7 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x2, weight, bias, a, b, scale, mask, dropout):
-        y, h, _ = _forward(x2, weight, bias, a, b, scale, mask, dropout)
+        y, h = _forward(x2, weight, bias, a, b, scale, mask, dropout)
         packed = pack_bits(mask) if mask is not None else None
         return y, h, packed
 

@@ -50,8 +50,7 @@ class LoraLinear(LoraLayer):
             operands = self._fused_operands(name, x)
             if operands is not None:
                 dropout = p if self.training else 0.0
-                y = lora_linear(x.reshape(-1, x.shape[-1]), *operands, scale, dropout)  # (N, out)
-                return y.view(*x.shape[:-1], y.shape[-1])
+                return lora_linear(x, *operands, scale, dropout)
         return super().forward(x, *args, **kwargs)
 
     def _fused_operands(self, name: str, x: torch.Tensor) -> tuple | None:
