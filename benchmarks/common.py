@@ -71,6 +71,23 @@ def paired_ratio(fn_a: Callable, fn_b: Callable, repeats: int = 10, warmup: int 
     return statistics.median(a_times), statistics.median(b_times), statistics.median(ratios)
 
 
+def rotating_ratios(fns: dict[str, Callable], reference: str, repeats: int = 10) -> dict[str, float]:
+    """Median over rounds of (each function's time / the reference's), the order rotating every round."""
+    for fn in fns.values():
+        fn()
+    names = list(fns)
+    ratios: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(repeats):
+        times = {}
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name] = time.perf_counter() - start
+        for name in names:
+            ratios[name].append(times[name] / times[reference])
+    return {name: statistics.median(r) for name, r in ratios.items()}
+
+
 def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
     """Bytes of the distinct storages autograd saves for backward during one forward."""
     seen: dict[int, int] = {}

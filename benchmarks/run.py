@@ -16,7 +16,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import SEVEN, llama, ours, paired_ratio, peft, saved_bytes  # noqa: E402
+from common import SEVEN, llama, ours, paired_ratio, peft, rotating_ratios, saved_bytes  # noqa: E402
 
 
 def _train_step(model, ids, optimizer):
@@ -28,18 +28,31 @@ def _train_step(model, ids, optimizer):
     return step
 
 
+def _frozen_base_step(base, ids):
+    """The floor for any LoRA library: a backward through every frozen layer, no adapter at all."""
+    frozen = copy.deepcopy(base).train().requires_grad_(False)
+
+    def step():
+        embeds = frozen.get_input_embeddings()(ids).requires_grad_()
+        frozen(inputs_embeds=embeds, labels=ids).loss.backward()
+    return step
+
+
 def bench_train(dropout: float, repeats: int) -> list[str]:
     base = llama()
     ids = torch.randint(0, 2000, (4, 256))
     a, b = ours(base, dropout=dropout).train(), peft(base, dropout=dropout).train()
     step_a = _train_step(a, ids, torch.optim.AdamW([p for p in a.parameters() if p.requires_grad], lr=1e-4))
     step_b = _train_step(b, ids, torch.optim.AdamW([p for p in b.parameters() if p.requires_grad], lr=1e-4))
-    ta, tb, ratio = paired_ratio(step_a, step_b, repeats=repeats)
+    ratios = rotating_ratios({"ours": step_a, "peft": step_b, "frozen": _frozen_base_step(base, ids)}, "peft",
+                             repeats=repeats)
     torch.manual_seed(0)
     bytes_a = saved_bytes(lambda: a(input_ids=ids, labels=ids).loss)
     bytes_b = saved_bytes(lambda: b(input_ids=ids, labels=ids).loss)
+    floor = ratios["frozen"]
     return [
-        f"train step, dropout={dropout}: ours {ta:.3f}s, PEFT {tb:.3f}s, ratio {ratio:.2f}",
+        f"train step, dropout={dropout}: ours / PEFT {ratios['ours']:.2f}; frozen base without adapters / PEFT "
+        f"{floor:.2f} (LoRA's share above that floor: ours {ratios['ours'] - floor:.2f}, PEFT {1 - floor:.2f})",
         f"saved for backward, dropout={dropout}: ours {bytes_a / 2**20:.1f} MiB, PEFT {bytes_b / 2**20:.1f} MiB",
     ]
 
@@ -50,26 +63,6 @@ def bench_dropout_memory() -> list[str]:
     plain = saved_bytes(lambda: ours(base, dropout=0.0).train()(input_ids=ids, labels=ids).loss)
     dropped = saved_bytes(lambda: ours(base, dropout=0.05).train()(input_ids=ids, labels=ids).loss)
     return [f"saved bytes with dropout 0.05 / without (ours): {dropped / plain:.3f}"]
-
-
-def three_way(fn_a, fn_b, fn_base, repeats: int) -> tuple[float, float]:
-    """Medians of per-round ratios A/base and B/base, the three calls interleaved in rotating order."""
-    import statistics
-    import time
-
-    fns = [fn_a, fn_b, fn_base]
-    for fn in fns:
-        fn()
-    ratios_a, ratios_b = [], []
-    for i in range(repeats):
-        times = {}
-        for fn in fns[i % 3:] + fns[:i % 3]:
-            start = time.perf_counter()
-            fn()
-            times[fn] = time.perf_counter() - start
-        ratios_a.append(times[fn_a] / times[fn_base])
-        ratios_b.append(times[fn_b] / times[fn_base])
-    return statistics.median(ratios_a), statistics.median(ratios_b)
 
 
 def bench_infer(hidden: int, batch: int, tokens: int, repeats: int) -> list[str]:
@@ -83,7 +76,8 @@ def bench_infer(hidden: int, batch: int, tokens: int, repeats: int) -> list[str]
                 model(input_ids=ids)
         return call
 
-    ours_vs_base, peft_vs_base = three_way(run(a), run(b), run(base), repeats)
+    ratios = rotating_ratios({"ours": run(a), "peft": run(b), "base": run(base)}, "base", repeats)
+    ours_vs_base, peft_vs_base = ratios["ours"], ratios["peft"]
     return [f"unmerged inference hidden {hidden}, {batch}x{tokens}: ours {ours_vs_base:.3f}x base, "
             f"PEFT {peft_vs_base:.3f}x base (overhead ratio {(ours_vs_base - 1) / max(1e-9, peft_vs_base - 1):.2f})"]
 

@@ -39,16 +39,20 @@ def _reference(layer, x, mask, p):
 
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_linear_forward_and_gradients_match_plain_formula(p, dtype):
+@pytest.mark.parametrize("path", ["fused", "general"])
+def test_linear_forward_and_gradients_match_plain_formula(p, dtype, path):
     model = Holder(nn.Linear(24, 20).to(dtype))
     li.inject(model, targets=["layer"], r=4, alpha=8, dropout=p, adapter_dtype=dtype)
     randomize_adapters(model, std=0.2)
     model.train()
     layer = model.layer
+    if path == "general":  # a hook on the base layer: it must be called, so the fused function is skipped
+        layer.base_layer.register_forward_hook(lambda module, inputs, output: None)
     x = torch.randn(3, 5, 24, dtype=dtype, requires_grad=True)
 
     torch.manual_seed(123)
     out = model(x)
+    assert _fused(out) == (path == "fused")
     out.backward(torch.ones_like(out))
     ours = (out.detach(), x.grad.clone(), layer.lora_A["default"].weight.grad.clone(),
             layer.lora_B["default"].weight.grad.clone())

@@ -68,23 +68,20 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
 
 
 class DroppedProjection(torch.autograd.Function):
-    """``h = (x * mask / keep) @ a.T`` for x (N, in), a (r, in), a bool mask like x; h is (N, r)."""
+    """``h = (x * mask / keep) @ a.T`` for x (N, in), a (r, in), a bool mask like x; h is (N, r).
+
+    ctx-first style: with ``setup_context`` every ``apply`` pays for ``inspect.signature``.
+    """
 
     @staticmethod
-    def forward(x: torch.Tensor, a: torch.Tensor, mask: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-        scaled_a = a / keep_probability(p)  # fold 1/keep into the (r, in) matrix, not the (N, in) input
-        return F.linear(x * mask, scaled_a), pack_bits(mask)
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+        keep = keep_probability(p)
+        ctx.save_for_backward(x, a, pack_bits(mask))
+        ctx.keep = keep
+        return F.linear(x * mask, a / keep)  # 1/keep folded into the (r, in) matrix, not the (N, in) input
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        x, a, _, p = inputs
-        _, packed = output
-        ctx.save_for_backward(x, a, packed)
-        ctx.keep = keep_probability(p)
-        ctx.mark_non_differentiable(packed)
-
-    @staticmethod
-    def backward(ctx, grad_h: torch.Tensor, _grad_packed) -> tuple:
+    def backward(ctx, grad_h: torch.Tensor) -> tuple:
         x, a, packed = ctx.saved_tensors
         mask = unpack_bits(packed, x.shape, torch.uint8)
         grad_x = grad_a = None
@@ -97,4 +94,4 @@ class DroppedProjection(torch.autograd.Function):
 
 def dropped_projection(x: torch.Tensor, a: torch.Tensor, p: float) -> torch.Tensor:
     """``dropout(x, p) @ a.T`` in training, saving x and a bit mask for backward."""
-    return DroppedProjection.apply(x, a, keep_mask(x.shape, p, x.device), p)[0]
+    return DroppedProjection.apply(x, a, keep_mask(x.shape, p, x.device), p)

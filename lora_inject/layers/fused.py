@@ -87,7 +87,7 @@ def lora_linear(
     ):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in): backward's GEMMs want 2-D operands
         mask2 = mask.view(x2.shape) if mask is not None else None
-        y = LoraLinearFunction.apply(x2, weight, bias, a, b, scale, mask2, dropout)[0]
+        y = LoraLinearFunction.apply(x2, weight, bias, a, b, scale, mask2, dropout)
         return y.view(*x.shape[:-1], y.shape[-1])
     return _forward(x, weight, bias, a, b, scale, mask, dropout)[0]
 
@@ -110,26 +110,22 @@ class LoraLinearFunction(torch.autograd.Function):
     """Forward and backward of :func:`lora_linear`.
 
     Saves x2, h = dropout(x2) @ a.T (N, r), the weights, and with dropout the mask packed
-    to one bit per element (never a dropped copy of x2).
+    to one bit per element (never a dropped copy of x2). Written in the ctx-first style:
+    ``setup_context`` makes every ``apply`` bind its arguments with ``inspect.signature``,
+    which costs more than the adapter's own matmuls at small batch sizes.
     """
 
     @staticmethod
-    def forward(x2, weight, bias, a, b, scale, mask, dropout):
+    def forward(ctx, x2, weight, bias, a, b, scale, mask, dropout):
         y, h = _forward(x2, weight, bias, a, b, scale, mask, dropout)
         packed = pack_bits(mask) if mask is not None else None
-        return y, h, packed
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        x2, weight, bias, a, b, scale, mask, dropout = inputs
-        _, h, packed = output
         ctx.save_for_backward(x2, weight, a, b, h, packed)
         ctx.scale = scale / keep_probability(dropout) if mask is not None else scale
         ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(*(t for t in (h, packed) if t is not None))
+        return y
 
     @staticmethod
-    def backward(ctx, grad_y: torch.Tensor, *_unused) -> tuple:
+    def backward(ctx, grad_y: torch.Tensor) -> tuple:
         x2, weight, a, b, h, packed = ctx.saved_tensors
         scale = ctx.scale
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
