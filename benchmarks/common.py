@@ -12,9 +12,21 @@ import torch
 
 warnings.filterwarnings("ignore")
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# where the train/infer models live; run.py sets these from --device / --dtype
+TARGET = {"device": "cpu", "dtype": torch.float32}
 
 
-def llama(hidden=512, layers=4, vocab=2000, intermediate=None, device="cpu", dtype=torch.float32):
+def sync() -> None:
+    """Wait for queued GPU work, so a timer measures the work and not its launch."""
+    if torch.device(TARGET["device"]).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def token_ids(batch: int, length: int, vocab: int = 2000) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), device=TARGET["device"])
+
+
+def llama(hidden=512, layers=4, vocab=2000, intermediate=None, device=None, dtype=None):
     import transformers as t
 
     config = t.LlamaConfig(
@@ -23,7 +35,7 @@ def llama(hidden=512, layers=4, vocab=2000, intermediate=None, device="cpu", dty
         vocab_size=vocab, max_position_embeddings=4096,
     )
     torch.manual_seed(0)
-    return t.LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    return t.LlamaForCausalLM(config).to(device=device or TARGET["device"], dtype=dtype or TARGET["dtype"])
 
 
 def ours(base, r=16, dropout=0.0, targets=SEVEN):
@@ -47,8 +59,10 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup:
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -62,8 +76,10 @@ def paired_ratio(fn_a: Callable, fn_b: Callable, repeats: int = 10, warmup: int 
         order = (fn_a, fn_b) if i % 2 == 0 else (fn_b, fn_a)
         measured = {}
         for fn in order:
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             measured[fn] = time.perf_counter() - start
         a_times.append(measured[fn_a])
         b_times.append(measured[fn_b])
@@ -80,8 +96,10 @@ def rotating_ratios(fns: dict[str, Callable], reference: str, repeats: int = 10)
     for i in range(repeats):
         times = {}
         for name in names[i % len(names):] + names[:i % len(names)]:
+            sync()
             start = time.perf_counter()
             fns[name]()
+            sync()
             times[name] = time.perf_counter() - start
         for name in names:
             ratios[name].append(times[name] / times[reference])

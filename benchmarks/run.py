@@ -16,7 +16,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import SEVEN, llama, ours, paired_ratio, peft, rotating_ratios, saved_bytes  # noqa: E402
+from common import SEVEN, TARGET, llama, ours, paired_ratio, peft, rotating_ratios, saved_bytes, token_ids  # noqa: E402
 
 
 def _train_step(model, ids, optimizer):
@@ -40,7 +40,7 @@ def _frozen_base_step(base, ids):
 
 def bench_train(dropout: float, repeats: int) -> list[str]:
     base = llama()
-    ids = torch.randint(0, 2000, (4, 256))
+    ids = token_ids(4, 256)
     a, b = ours(base, dropout=dropout).train(), peft(base, dropout=dropout).train()
     step_a = _train_step(a, ids, torch.optim.AdamW([p for p in a.parameters() if p.requires_grad], lr=1e-4))
     step_b = _train_step(b, ids, torch.optim.AdamW([p for p in b.parameters() if p.requires_grad], lr=1e-4))
@@ -59,7 +59,7 @@ def bench_train(dropout: float, repeats: int) -> list[str]:
 
 def bench_dropout_memory() -> list[str]:
     base = llama()
-    ids = torch.randint(0, 2000, (4, 256))
+    ids = token_ids(4, 256)
     plain = saved_bytes(lambda: ours(base, dropout=0.0).train()(input_ids=ids, labels=ids).loss)
     dropped = saved_bytes(lambda: ours(base, dropout=0.05).train()(input_ids=ids, labels=ids).loss)
     return [f"saved bytes with dropout 0.05 / without (ours): {dropped / plain:.3f}"]
@@ -67,7 +67,7 @@ def bench_dropout_memory() -> list[str]:
 
 def bench_infer(hidden: int, batch: int, tokens: int, repeats: int) -> list[str]:
     base = llama(hidden=hidden).eval()
-    ids = torch.randint(0, 2000, (batch, tokens))
+    ids = token_ids(batch, tokens)
     a, b = ours(base).eval(), peft(base).eval()
 
     def run(model):
@@ -104,7 +104,7 @@ def bench_inject(repeats: int) -> list[str]:
 
     ta, tb, ratio = paired_ratio(ours_inject, peft_inject, repeats=repeats, warmup=1)
     lines = [f"inject 7B-shaped Llama on meta: ours {ta * 1e3:.0f} ms, PEFT {tb * 1e3:.0f} ms, ratio {ratio:.3f}"]
-    real = llama(hidden=1024, layers=24, vocab=32000, intermediate=2816)  # ~370M parameters
+    real = llama(hidden=1024, layers=24, vocab=32000, intermediate=2816, device="cpu", dtype=torch.float32)  # ~370M
     n = sum(p_.numel() for p_ in real.parameters())
     real_a, real_b = copy.deepcopy(real), copy.deepcopy(real)
 
@@ -125,7 +125,7 @@ def bench_merge(repeats: int) -> list[str]:
 
     import lora_inject as li
 
-    base = llama(hidden=1024, layers=8)
+    base = llama(hidden=1024, layers=8, device="cpu", dtype=torch.float32)
     a, b = ours(base), peft(base)
     copy_a = [copy.deepcopy(a) for _ in range(repeats + 1)]
     copy_b = [copy.deepcopy(b) for _ in range(repeats + 1)]
@@ -166,18 +166,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sections", nargs="*", help=f"any of {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="for train, dropout-memory, infer (e.g. cuda); "
+                        "inject and merge always run on the CPU")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="base model dtype for train, dropout-memory, infer (adapters stay float32)")
     args = parser.parse_args()
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     args.sections = args.sections or list(SECTIONS)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    TARGET.update(device=args.device, dtype=getattr(torch, args.dtype))
     import peft
 
     import lora_inject
 
     machine = platform.processor() or platform.machine()
-    print(f"# {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    if torch.device(args.device).type == "cuda":
+        machine = torch.cuda.get_device_name()
+    print(f"# {machine}, {args.device} {args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"peft {peft.__version__}, lora_inject {lora_inject.__version__}")
     for name in args.sections:
         for line in SECTIONS[name](args.repeats):

@@ -274,3 +274,28 @@ def test_fused_path_with_bf16_base_and_fp32_adapters_matches_reference():
     torch.testing.assert_close(out.double(), ref, atol=0.1, rtol=0.02)
     for g, w_ in zip(grads, (a.grad, b.grad)):
         assert (g.double() - w_).norm() / w_.norm() < 0.02
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fused_function_passes_gradcheck_and_gradgradcheck(p):
+    """Finite differences for every input, and second derivatives (create_graph=True) too."""
+    from lora_inject.layers.dropout import dropped_projection
+    from lora_inject.layers.fused import lora_linear
+
+    torch.manual_seed(0)
+    shapes = {"x": (5, 6), "w": (4, 6), "bias": (4,), "a": (3, 6), "b": (4, 3)}
+    inputs = tuple(torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes.values())
+
+    def fused(x, w, bias, a, b):
+        torch.manual_seed(3)  # the same dropout mask on every evaluation
+        return lora_linear(x, w, bias, a, b, 1.7, dropout=p)
+
+    assert torch.autograd.gradcheck(fused, inputs)
+    assert torch.autograd.gradgradcheck(fused, inputs)
+    if p > 0:
+        def general(x, a):
+            torch.manual_seed(3)
+            return dropped_projection(x, a, p)
+
+        assert torch.autograd.gradcheck(general, (inputs[0], inputs[3]))
+        assert torch.autograd.gradgradcheck(general, (inputs[0], inputs[3]))
