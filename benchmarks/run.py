@@ -153,10 +153,58 @@ def bench_merge(repeats: int) -> list[str]:
     return lines
 
 
+def bench_overhead(repeats: int) -> list[str]:
+    """Per-layer cost that does not shrink with the model: a 16x16 Linear, 2 tokens, one thread.
+
+    What a launch-bound GPU decode step (batch 1) pays per adapted module, measured on the CPU.
+    """
+    from torch import nn
+
+    class One(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj = nn.Linear(16, 16, bias=False)
+
+        def forward(self, x):
+            return self.q_proj(x)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    base = One()
+    a, b = ours(base, r=4, targets=["q_proj"]), peft(base, r=4, targets=["q_proj"])
+    frozen = copy.deepcopy(base).requires_grad_(False)
+    x = torch.randn(1, 2, 16)
+    x_grad = x.clone().requires_grad_()
+
+    def infer(model):
+        def calls():
+            with torch.inference_mode():
+                for _ in range(200):
+                    model(x)
+        return calls
+
+    def train(model):
+        def calls():
+            for _ in range(50):
+                model(x_grad).sum().backward()
+        return calls
+
+    lines = []
+    for label, make, models in (("inference call", infer, (a.eval(), b.eval(), base.eval())),
+                                ("training fwd+bwd", train, (a.train(), b.train(), frozen))):
+        r = rotating_ratios({"ours": make(models[0]), "peft": make(models[1]), "base": make(models[2])}, "base",
+                            repeats * 2)
+        lines.append(f"per-layer fixed cost, {label}: ours {r['ours']:.2f}x base, PEFT {r['peft']:.2f}x base "
+                     f"(overhead ratio {(r['ours'] - 1) / max(1e-9, r['peft'] - 1):.2f})")
+    torch.set_num_threads(threads)
+    return lines
+
+
 SECTIONS = {
     "train": lambda r: bench_train(0.0, r) + bench_train(0.05, r),
     "dropout-memory": lambda r: bench_dropout_memory(),
     "infer": lambda r: bench_infer(512, 1, 32, 6 * r) + bench_infer(1024, 4, 512, 2 * r),
+    "overhead": lambda r: bench_overhead(r),
     "inject": lambda r: bench_inject(r),
     "merge": lambda r: bench_merge(r),
 }
