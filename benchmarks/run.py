@@ -1,7 +1,8 @@
 """lora_inject vs PEFT, side by side in one process: ratios of medians, interleaved.
 
     python benchmarks/run.py            # everything (a few minutes on 2 cores)
-    python benchmarks/run.py train infer inject merge
+    python benchmarks/run.py train infer overhead inject merge
+    python benchmarks/run.py train infer --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations

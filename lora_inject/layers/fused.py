@@ -93,17 +93,18 @@ def lora_linear(
     return _forward(x, weight, bias, a, b, scale, mask, dropout)[0]
 
 
+def _effective_scale(scale: float, mask: torch.Tensor | None, dropout: float) -> float:
+    """The adapter scale with dropout's 1/keep folded in (so no (N, in) tensor is ever divided)."""
+    return scale / keep_probability(dropout) if mask is not None else scale
+
+
 def _forward(x, weight, bias, a, b, scale, mask, dropout) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, h) for x (..., in); h = dropout-masked x @ a.T (..., r), with 1/keep folded into the scale."""
-    if mask is not None:
-        scale = scale / keep_probability(dropout)
-        h = F.linear(x * mask, a)
-    else:
-        h = F.linear(x, a)
+    """(y, h) for x (..., in); h = dropout-masked x @ a.T (..., r)."""
+    h = F.linear(x if mask is None else x * mask, a)
     y = F.linear(x, weight, bias)  # (..., out), fresh: safe to update in place
     if not y.is_contiguous():
         y = y.contiguous()
-    y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=scale)
+    y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=_effective_scale(scale, mask, dropout))
     return y, h
 
 
@@ -121,7 +122,7 @@ class LoraLinearFunction(torch.autograd.Function):
         y, h = _forward(x2, weight, bias, a, b, scale, mask, dropout)
         packed = pack_bits(mask) if mask is not None else None
         ctx.save_for_backward(x2, weight, a, b, h, packed)
-        ctx.scale = scale / keep_probability(dropout) if mask is not None else scale
+        ctx.scale = _effective_scale(scale, mask, dropout)
         ctx.has_bias = bias is not None
         return y
 
@@ -131,8 +132,10 @@ class LoraLinearFunction(torch.autograd.Function):
         scale = ctx.scale
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         mask = unpack_bits(packed, x2.shape, torch.uint8) if packed is not None else None
-        if torch.is_grad_enabled():  # create_graph=True: h must be rebuilt inside the graph to be differentiated
-            h = torch.mm(x2 if mask is None else x2 * mask, a.t())
+        create_graph = torch.is_grad_enabled()
+        dropped = (x2 if mask is None else x2 * mask) if (need_a or create_graph) else None  # A's input
+        if create_graph:  # h must be rebuilt inside the graph to be differentiated again
+            h = torch.mm(dropped, a.t())
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         grad_y = grad_y.contiguous()
         grad_h = torch.mm(grad_y, b) if (need_x or need_a) else None  # (N, r), without the scale
@@ -147,7 +150,7 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_bias and ctx.has_bias:
             grad_bias = grad_y.sum(0)
         if need_a:
-            grad_a = torch.mm(grad_h.t(), x2 if mask is None else x2 * mask).mul_(scale)
+            grad_a = torch.mm(grad_h.t(), dropped).mul_(scale)
         if need_b:
             grad_b = torch.mm(grad_y.t(), h).mul_(scale)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
