@@ -39,10 +39,14 @@ allow_direct(nn.Linear)
 
 def no_hooks(module: nn.Module) -> bool:
     """True when ``module(x)`` would run just ``module.forward(x)`` (nn.Module's own fast-path test)."""
-    return not (
-        _global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks or _global_backward_pre_hooks
-        or module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
-    )
+    return not (_global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks
+                or _global_backward_pre_hooks or hooked(module))
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether ``module`` itself has forward or backward hooks (global ones: see :func:`no_hooks`)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
 
 
 def autocast_enabled(x: torch.Tensor) -> bool:
@@ -81,16 +85,16 @@ def lora_linear(
     """
     if a.dtype != x.dtype:
         a, b = a.to(x.dtype), b.to(x.dtype)
-    mask = keep_mask(x.shape, dropout, x.device) if dropout > 0.0 else None
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (N, in): 2-D GEMMs; backward wants 2-D
+    mask = keep_mask(x2.shape, dropout, x.device) if dropout > 0.0 else None
     if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or a.requires_grad or b.requires_grad
         or (bias is not None and bias.requires_grad)
     ):
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in): backward's GEMMs want 2-D operands
-        mask2 = mask.view(x2.shape) if mask is not None else None
-        y = LoraLinearFunction.apply(x2, weight, bias, a, b, scale, mask2, dropout)
-        return y.view(*x.shape[:-1], y.shape[-1])
-    return _forward(x, weight, bias, a, b, scale, mask, dropout)[0]
+        y2 = LoraLinearFunction.apply(x2, weight, bias, a, b, scale, mask, dropout)
+    else:
+        y2 = _forward(x2, weight, bias, a, b, scale, mask, dropout)[0]
+    return y2 if x.dim() == 2 else y2.view(*x.shape[:-1], y2.shape[1])
 
 
 def _effective_scale(scale: float, mask: torch.Tensor | None, dropout: float) -> float:
@@ -98,13 +102,11 @@ def _effective_scale(scale: float, mask: torch.Tensor | None, dropout: float) ->
     return scale / keep_probability(dropout) if mask is not None else scale
 
 
-def _forward(x, weight, bias, a, b, scale, mask, dropout) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, h) for x (..., in); h = dropout-masked x @ a.T (..., r)."""
-    h = F.linear(x if mask is None else x * mask, a)
-    y = F.linear(x, weight, bias)  # (..., out), fresh: safe to update in place
-    if not y.is_contiguous():
-        y = y.contiguous()
-    y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=_effective_scale(scale, mask, dropout))
+def _forward(x2, weight, bias, a, b, scale, mask, dropout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, h) for x2 (N, in): y (N, out); h = dropout-masked x2 @ a.T (N, r)."""
+    h = F.linear(x2 if mask is None else x2 * mask, a)
+    y = F.linear(x2, weight, bias)  # fresh: safe to update in place (addmm_ handles any strides)
+    y.addmm_(h, b.t(), alpha=scale if mask is None else _effective_scale(scale, mask, dropout))
     return y, h
 
 

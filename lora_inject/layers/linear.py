@@ -9,7 +9,7 @@ from torch import nn
 
 from .base import LoraLayer
 from .dropout import dropped_projection
-from .fused import allow_direct, autocast_enabled, direct_weight, lora_linear, no_hooks
+from .fused import allow_direct, autocast_enabled, direct_weight, hooked, lora_linear, no_hooks
 
 
 class LoraLinear(LoraLayer):
@@ -49,21 +49,24 @@ class LoraLinear(LoraLayer):
             name, scale, p = running[0]
             operands = self._fused_operands(name, x)
             if operands is not None:
-                dropout = p if self.training else 0.0
-                return lora_linear(x, *operands, scale, dropout)
+                return lora_linear(x, *operands, scale, p if self.training else 0.0)
         return super().forward(x, *args, **kwargs)
 
     def _fused_operands(self, name: str, x: torch.Tensor) -> tuple | None:
         """(W (out, in), bias, A, B) for :func:`lora_linear`, or None where skipping the modules' own
-        ``__call__`` would change what runs (hooks, FSDP, quantized weights, autocast; see fused.py)."""
+        ``__call__`` would change what runs (hooks, FSDP, quantized weights, autocast; see fused.py).
+
+        Runs on every call, so it reads ``_modules``/``_parameters`` directly: ``module.weight``
+        goes through ``nn.Module.__getattr__``, which costs more here than a 32-token adapter GEMM.
+        """
         modules = self._modules
-        direct = direct_weight(modules["base_layer"])
-        if direct is None:
-            return None
         factor_a, factor_b = modules["lora_A"]._modules[name], modules["lora_B"]._modules[name]
-        if not (_plain(factor_a) and _plain(factor_b)) or x.dtype != direct[0].dtype or autocast_enabled(x):
+        if type(factor_a) is not Factor or type(factor_b) is not Factor or hooked(factor_a) or hooked(factor_b):
             return None
-        return (*direct, factor_a.weight, factor_b.weight)
+        direct = direct_weight(modules["base_layer"])
+        if direct is None or x.dtype != direct[0].dtype or autocast_enabled(x):
+            return None
+        return (*direct, factor_a._parameters["weight"], factor_b._parameters["weight"])
 
     def _add_lora(self, entry: tuple, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         name, scale, p = entry
