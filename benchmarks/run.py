@@ -30,12 +30,21 @@ def _train_step(model, ids, optimizer):
 
 
 def _frozen_base_step(base, ids):
-    """The floor for any LoRA library: a backward through every frozen layer, no adapter at all."""
+    """The floor for any LoRA library: the backward every frozen layer needs, no adapter at all.
+
+    A zero scalar added to the first layer's q/k/v outputs makes exactly the tensors require
+    grad that do under LoRA on all seven projections: the attention's backward runs in every
+    layer, but the first layer's q/k/v inputs need no grad_x (a LoRA step computes none there).
+    """
     frozen = copy.deepcopy(base).train().requires_grad_(False)
+    spark = torch.zeros((), device=TARGET["device"], dtype=TARGET["dtype"], requires_grad=True)
+    attention = frozen.model.layers[0].self_attn
+    for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
+        projection.register_forward_hook(lambda module, args, out: out + spark)
 
     def step():
-        embeds = frozen.get_input_embeddings()(ids).requires_grad_()
-        frozen(inputs_embeds=embeds, labels=ids).loss.backward()
+        frozen(input_ids=ids, labels=ids).loss.backward()
+        spark.grad = None
     return step
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -101,23 +103,47 @@ def test_dropout_keep_rate_and_same_mask_in_backward():
     torch.testing.assert_close(lora_out[:, 0], expected_lora)
 
 
+def _saved_storage_bytes(forward, exclude: nn.Module | None = None) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``forward()`` runs,
+    leaving out the parameters of ``exclude`` (they exist anyway; saving them costs nothing)."""
+    storages = {}
+    params = {p.untyped_storage().data_ptr() for p in exclude.parameters()} if exclude is not None else set()
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(storages.values())
+
+
 def test_dropout_saves_no_copy_of_the_input():
     def saved(dropout):
         model = Holder(nn.Linear(512, 512))
         li.inject(model, targets=["layer"], r=16, dropout=dropout)
         model.train()
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
         x = torch.randn(1024, 512, requires_grad=True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(x)
-        return sum(storages.values())
+        return _saved_storage_bytes(lambda: model(x))
 
     assert saved(0.1) <= 1.1 * saved(0.0)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_saves_no_more_for_backward_than_peft(dropout):
+    """Whole model, frozen base: the activations autograd keeps are at most PEFT's (with dropout,
+    far less: PEFT keeps a dropped copy of every adapted module's input)."""
+    peft = pytest.importorskip("peft")
+    base = tiny_llama(hidden_size=64, intermediate_size=128)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    ours = li.inject(copy.deepcopy(base), targets=targets, r=8, dropout=dropout).train()
+    config = peft.LoraConfig(r=8, target_modules=targets, lora_dropout=dropout)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config).train()
+    ids = torch.randint(0, 100, (4, 64))
+    ours_bytes = _saved_storage_bytes(lambda: ours(input_ids=ids, labels=ids), exclude=ours)
+    peft_bytes = _saved_storage_bytes(lambda: theirs(input_ids=ids, labels=ids), exclude=theirs)
+    assert ours_bytes <= peft_bytes * (1.0 if dropout == 0.0 else 0.75)
 
 
 def test_bf16_input_is_not_cast_to_fp32():

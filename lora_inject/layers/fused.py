@@ -123,7 +123,8 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x2, weight, bias, a, b, scale, mask, dropout):
         y, h = _forward(x2, weight, bias, a, b, scale, mask, dropout)
         packed = pack_bits(mask) if mask is not None else None
-        ctx.save_for_backward(x2, weight, a, b, h, packed)
+        # W only serves grad_x: not kept where x needs no grad (the first layer of a frozen model)
+        ctx.save_for_backward(x2, weight if ctx.needs_input_grad[0] else None, a, b, h, packed)
         ctx.scale = _effective_scale(scale, mask, dropout)
         ctx.has_bias = bias is not None
         return y
