@@ -55,7 +55,7 @@ def bench_train(dropout: float, repeats: int) -> list[str]:
     step_a = _train_step(a, ids, torch.optim.AdamW([p for p in a.parameters() if p.requires_grad], lr=1e-4))
     step_b = _train_step(b, ids, torch.optim.AdamW([p for p in b.parameters() if p.requires_grad], lr=1e-4))
     ratios = rotating_ratios({"ours": step_a, "peft": step_b, "frozen": _frozen_base_step(base, ids)}, "peft",
-                             repeats=repeats)
+                             repeats=2 * repeats)  # steps move by +-10% here: more rounds for a steadier median
     torch.manual_seed(0)
     bytes_a = saved_bytes(lambda: a(input_ids=ids, labels=ids).loss)
     bytes_b = saved_bytes(lambda: b(input_ids=ids, labels=ids).loss)
@@ -158,7 +158,7 @@ def bench_merge(repeats: int) -> list[str]:
                 model(input_ids=ids)
         return call
 
-    _, _, fwd_ratio = paired_ratio(fwd(merged), fwd(base.eval()), repeats=repeats)
+    _, _, fwd_ratio = paired_ratio(fwd(merged), fwd(base.eval()), repeats=4 * repeats)  # a 2% question: many pairs
     lines.append(f"merged model forward / base forward: {fwd_ratio:.3f}")
     return lines
 

@@ -67,6 +67,18 @@ class Edit:
             return True
         return False
 
+    def add_to_rows(self, rows: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        """``rows`` (float32, rows [i, j) of the stored weight, updated in place) plus ``scale * delta``.
+
+        Linear and Conv1D weights take one GEMM accumulating into the rows, the arithmetic
+        ``merge_and_unload`` uses (so both give the same bits); conv and embedding add the delta.
+        """
+        if self.kind == "linear":
+            return rows.addmm_(self.b[i:j].float(), self.a.float(), alpha=self.scale)
+        if self.kind == "transposed" and not self.is_embedding:
+            return rows.addmm_(self.a[:, i:j].float().t(), self.b.float().t(), alpha=self.scale)
+        return rows.add_(self.delta_rows(i, j))
+
     def delta_rows(self, i: int, j: int) -> torch.Tensor:
         """Rows [i, j) of ``scale * delta`` in float32, shaped like the stored weight's rows."""
         a, b = self.a.float(), self.b.float()
@@ -214,7 +226,10 @@ def merged_tensor_rows(tensor_slice, edit: Edit | None, out_dtype: torch.dtype |
         else:
             base = (tensor_slice[i:j] if shape else tensor_slice[:]).to(dtype)
         if edit is not None and edit.kind is not None:
-            base = (base.float() + edit.delta_rows(i, j)).to(dtype)
+            chunk = base.float()
+            if full_slice is not None and chunk is base:  # a view of the replacement: never write into it
+                chunk = chunk.clone()
+            base = edit.add_to_rows(chunk, i, j).to(dtype)
         yield base
 
 

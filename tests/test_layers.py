@@ -144,6 +144,23 @@ def test_merge_unmerge_and_delta(case):
     torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["linear", "linear_nobias", "hf_conv1d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_merge_accumulates_without_a_delta_tensor(case, dtype, monkeypatch):
+    """Linear and Conv1D merge by one GEMM into the weight: the (out, in) delta is never built."""
+    model, layer, _ = wrapped(case)
+    layer.base_layer.to(dtype)
+    set_random(layer)
+    original = layer.base_layer.weight.detach().clone()
+    expected = (original.float() + reference_delta(layer)).to(dtype)
+    monkeypatch.setattr(type(layer), "_delta_from_factors", lambda *_: pytest.fail("delta materialised"))
+    li.merge(model)
+    tol = 2**-7 * expected.float().abs() + 1e-6 if dtype == torch.bfloat16 else 1e-6
+    assert ((layer.base_layer.weight.float() - expected.float()).abs() <= tol).all()
+    li.unmerge(model)
+    assert ((layer.base_layer.weight.float() - original.float()).abs() <= 2 * tol).all()
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_merge_and_unload_and_unload(case):
     make_base, _ = CASES[case]

@@ -210,7 +210,7 @@ class LoraLayer(nn.Module):
             if check_finite:
                 self.check_merge(name)
             with torch.no_grad():
-                self.base_weight.add_(self.delta_weight(name))
+                self._add_delta(name, 1.0)
             self.merged_adapters.append(name)
             done.append(name)
         self._refresh_running()
@@ -218,12 +218,18 @@ class LoraLayer(nn.Module):
 
     def unmerge(self) -> None:
         """Subtract every merged adapter again, last merged first, in float32."""
-        weight = self.base_weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():
-                weight.sub_(self.delta_weight(name))
+                self._add_delta(name, -1.0)
         self._refresh_running()
+
+    def _add_delta(self, name: str, sign: float) -> None:
+        """``W += sign * delta`` in place, the sum in float32 and rounded to W's dtype once.
+
+        Subclasses may do it without materialising delta (see :class:`LoraLinear`).
+        """
+        self.base_weight.add_(self.delta_weight(name), alpha=sign)
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())
