@@ -141,7 +141,12 @@ class LoraLinearFunction(torch.autograd.Function):
             h = torch.mm(dropped, a.t())
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         grad_y = grad_y.contiguous()
+        # the small GEMMs first, while grad_y is still in cache; the base's big GEMM after them
+        if need_b:
+            grad_b = torch.mm(grad_y.t(), h).mul_(scale)
         grad_h = torch.mm(grad_y, b) if (need_x or need_a) else None  # (N, r), without the scale
+        if need_a:
+            grad_a = torch.mm(grad_h.t(), dropped).mul_(scale)
         if need_x:
             grad_x = torch.mm(grad_y, weight)
             if mask is None:
@@ -152,8 +157,4 @@ class LoraLinearFunction(torch.autograd.Function):
             grad_w = torch.mm(grad_y.t(), x2)
         if need_bias and ctx.has_bias:
             grad_bias = grad_y.sum(0)
-        if need_a:
-            grad_a = torch.mm(grad_h.t(), dropped).mul_(scale)
-        if need_b:
-            grad_b = torch.mm(grad_y.t(), h).mul_(scale)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
