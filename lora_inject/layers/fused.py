@@ -26,27 +26,30 @@ from torch.nn.modules.module import (  # dicts that torch updates in place: safe
 
 from .dropout import keep_mask, keep_probability, pack_bits, unpack_bits
 
-_TRANSPOSED = {}  # base type -> whether its weight is stored (in, out); filled by `allow_direct`
+# base type -> whether its weight is stored (in, out); filled by `allow_direct`
+DIRECT_TYPES: dict[type, bool] = {}
 
 
 def allow_direct(base_type: type, transposed: bool = False) -> None:
     """Let the fast path compute ``base_type`` as ``x @ W.T + b`` (``x @ W + b`` if ``transposed``)."""
-    _TRANSPOSED[base_type] = transposed
+    DIRECT_TYPES[base_type] = transposed
 
 
 allow_direct(nn.Linear)
 
 
-def no_hooks(module: nn.Module) -> bool:
-    """True when ``module(x)`` would run just ``module.forward(x)`` (nn.Module's own fast-path test)."""
-    return not (_global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks
-                or _global_backward_pre_hooks or hooked(module))
+def hooks_on(*modules: nn.Module) -> bool:
+    """Whether calling any of ``modules`` would run hooks, global or their own (nn.Module's fast-path test).
 
-
-def hooked(module: nn.Module) -> bool:
-    """Whether ``module`` itself has forward or backward hooks (global ones: see :func:`no_hooks`)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
+    Runs on every adapted call: one function, no generator (each Python call here costs about
+    as much as a 32-token adapter GEMM's launch).
+    """
+    if _global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks or _global_backward_pre_hooks:
+        return True
+    for module in modules:
+        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+            return True
+    return False
 
 
 def autocast_enabled(x: torch.Tensor) -> bool:
@@ -55,17 +58,6 @@ def autocast_enabled(x: torch.Tensor) -> bool:
 
 
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
-
-
-def direct_weight(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """``(W as (out, in), bias)`` if ``base(x)`` may be computed as ``F.linear(x, W, bias)``, else None."""
-    transposed = _TRANSPOSED.get(type(base))
-    if transposed is None or not no_hooks(base):
-        return None
-    weight = base._parameters.get("weight")
-    if type(weight) is not nn.Parameter:
-        return None
-    return (weight.t() if transposed else weight), base._parameters.get("bias")
 
 
 def lora_linear(

@@ -9,7 +9,7 @@ from torch import nn
 
 from .base import LoraLayer
 from .dropout import dropped_projection
-from .fused import allow_direct, autocast_enabled, direct_weight, hooked, lora_linear, no_hooks
+from .fused import DIRECT_TYPES, allow_direct, autocast_enabled, hooks_on, lora_linear
 
 
 class LoraLinear(LoraLayer):
@@ -47,26 +47,10 @@ class LoraLinear(LoraLayer):
         running = self._running
         if len(running) == 1 and not (args or kwargs):
             name, scale, p = running[0]
-            operands = self._fused_operands(name, x)
+            operands = _fused_operands(self._modules, name, x)
             if operands is not None:
                 return lora_linear(x, *operands, scale, p if self.training else 0.0)
         return super().forward(x, *args, **kwargs)
-
-    def _fused_operands(self, name: str, x: torch.Tensor) -> tuple | None:
-        """(W (out, in), bias, A, B) for :func:`lora_linear`, or None where skipping the modules' own
-        ``__call__`` would change what runs (hooks, FSDP, quantized weights, autocast; see fused.py).
-
-        Runs on every call, so it reads ``_modules``/``_parameters`` directly: ``module.weight``
-        goes through ``nn.Module.__getattr__``, which costs more here than a 32-token adapter GEMM.
-        """
-        modules = self._modules
-        factor_a, factor_b = modules["lora_A"]._modules[name], modules["lora_B"]._modules[name]
-        if type(factor_a) is not Factor or type(factor_b) is not Factor or hooked(factor_a) or hooked(factor_b):
-            return None
-        direct = direct_weight(modules["base_layer"])
-        if direct is None or x.dtype != direct[0].dtype or autocast_enabled(x):
-            return None
-        return (*direct, factor_a._parameters["weight"], factor_b._parameters["weight"])
 
     def _add_lora(self, entry: tuple, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         name, scale, p = entry
@@ -171,7 +155,31 @@ class Factor(nn.Linear):
 
 def _plain(module: nn.Module) -> bool:
     """A Factor as created here: not wrapped or re-classed by FSDP, no hooks that calling it would run."""
-    return type(module) is Factor and no_hooks(module)
+    return type(module) is Factor and not hooks_on(module)
+
+
+def _fused_operands(modules: dict[str, nn.Module], name: str, x: torch.Tensor) -> tuple | None:
+    """(W (out, in), bias, A, B) for :func:`lora_linear` from a wrapper's ``_modules``, or None where
+    skipping the modules' own ``__call__`` would change what runs: hooks, FSDP (re-classed factors,
+    DTensor weights), quantized or other non-``nn.Parameter`` weights, autocast, a dtype mismatch.
+
+    Runs on every call, so it reads ``_modules``/``_parameters`` directly (``module.weight`` goes
+    through ``nn.Module.__getattr__``, about 1 us) and calls as few functions as it can.
+    """
+    base = modules["base_layer"]
+    factor_a, factor_b = modules["lora_A"]._modules[name], modules["lora_B"]._modules[name]
+    transposed = DIRECT_TYPES.get(type(base))
+    if transposed is None or type(factor_a) is not Factor or type(factor_b) is not Factor:
+        return None
+    if hooks_on(base, factor_a, factor_b) or autocast_enabled(x):
+        return None
+    weight = base._parameters.get("weight")
+    if type(weight) is not nn.Parameter or weight.dtype != x.dtype:
+        return None
+    return (
+        weight.t() if transposed else weight, base._parameters.get("bias"),
+        factor_a._parameters["weight"], factor_b._parameters["weight"],
+    )
 
 
 def init_a_zero_b(a: torch.Tensor, b: torch.Tensor, r: int, init: bool | str) -> None:
