@@ -68,26 +68,16 @@ class Edit:
         return False
 
     def add_to_rows(self, rows: torch.Tensor, i: int, j: int) -> torch.Tensor:
-        """``rows`` (float32, rows [i, j) of the stored weight, updated in place) plus ``scale * delta``.
-
-        Linear and Conv1D weights take one GEMM accumulating into the rows, the arithmetic
-        ``merge_and_unload`` uses (so both give the same bits); conv and embedding add the delta.
-        """
-        if self.kind == "linear":
-            return rows.addmm_(self.b[i:j].float(), self.a.float(), alpha=self.scale)
-        if self.kind == "transposed" and not self.is_embedding:
-            return rows.addmm_(self.a[:, i:j].float().t(), self.b.float().t(), alpha=self.scale)
-        return rows.add_(self.delta_rows(i, j))
-
-    def delta_rows(self, i: int, j: int) -> torch.Tensor:
-        """Rows [i, j) of ``scale * delta`` in float32, shaped like the stored weight's rows."""
+        """``rows`` (float32, rows [i, j) of the stored weight, contiguous, updated in place) plus
+        ``scale * delta``, as one GEMM accumulating into them: the arithmetic ``merge_and_unload``
+        uses, so both write the same bits."""
         a, b = self.a.float(), self.b.float()
-        if self.kind == "transposed":
-            return (b @ a[:, i:j]).T * self.scale
-        if self.kind == "conv":
-            b = b.flatten(1)
-            return (b[i:j] @ a.flatten(1)).view(j - i, *a.shape[1:]) * self.scale
-        return (b[i:j] @ a) * self.scale
+        if self.kind == "transposed":  # Conv1D (in, out), Embedding (num_embeddings, dim)
+            left, right = a[:, i:j].t(), b.t()
+        else:  # linear (out, in), conv (out, in, *kernel) seen as (out, in * prod(kernel))
+            left, right = b.flatten(1)[i:j], a.flatten(1)
+        rows.view(j - i, -1).addmm_(left, right, alpha=self.scale)
+        return rows
 
 
 def plan_edits(config: LoraConfig, tensors: dict[str, torch.Tensor], fan_in_fan_out: bool) -> dict[str, Edit]:

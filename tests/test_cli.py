@@ -136,8 +136,8 @@ def test_verify_catches_a_wrong_merge(tmp_path, monkeypatch, capsys):
     from lora_inject import checkpoint_merge
 
     _checkpoint(tmp_path, "llama")
-    original = checkpoint_merge.Edit.delta_rows
-    monkeypatch.setattr(checkpoint_merge.Edit, "delta_rows", lambda self, i, j: original(self, i, j) * 1.01)
+    original = checkpoint_merge.Edit.add_to_rows
+    monkeypatch.setattr(checkpoint_merge.Edit, "add_to_rows", lambda self, *rows: original(self, *rows).mul_(1.01))
     argv = ["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"), "--verify"]
     assert main(argv) == 2
     assert "independent float64 computation" in capsys.readouterr().err

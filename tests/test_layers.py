@@ -144,10 +144,10 @@ def test_merge_unmerge_and_delta(case):
     torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["linear", "linear_nobias", "hf_conv1d"])
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_merge_accumulates_without_a_delta_tensor(case, dtype, monkeypatch):
-    """Linear and Conv1D merge by one GEMM into the weight: the (out, in) delta is never built."""
+def test_merge_accumulates_without_a_delta_tensor(case, dtype, monkeypatch):
+    """Every layer type merges by one GEMM into the weight: the weight-sized delta is never built."""
     model, layer, _ = wrapped(case)
     layer.base_layer.to(dtype)
     set_random(layer)
@@ -159,6 +159,19 @@ def test_linear_merge_accumulates_without_a_delta_tensor(case, dtype, monkeypatc
     assert ((layer.base_layer.weight.float() - expected.float()).abs() <= tol).all()
     li.unmerge(model)
     assert ((layer.base_layer.weight.float() - original.float()).abs() <= 2 * tol).all()
+
+
+def test_merge_into_a_channels_last_conv_weight():
+    """A weight that cannot be viewed as (out, -1) gets a materialised delta instead, same result."""
+    model, layer, x = wrapped("conv2d_dilated_reflect")
+    layer.base_layer.to(memory_format=torch.channels_last)
+    assert not layer.base_layer.weight.is_contiguous()
+    set_random(layer)
+    original = layer.base_layer.weight.detach().clone()
+    unmerged = model(x)
+    li.merge(model)
+    torch.testing.assert_close(layer.base_layer.weight, original + reference_delta(layer), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -224,16 +224,37 @@ class LoraLayer(nn.Module):
                 self._add_delta(name, -1.0)
         self._refresh_running()
 
-    def _add_delta(self, name: str, sign: float) -> None:
-        """``W += sign * delta`` in place, the sum in float32 and rounded to W's dtype once.
+    def _delta_gemm_operands(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(left, right)`` in float32 with ``delta / scale == left @ right`` as the weight flattened
+        to ``(left.shape[0], -1)``; None where the delta is not one product (merge builds it instead)."""
+        return None
 
-        Subclasses may do it without materialising delta (see :class:`LoraLinear`).
+    def _add_delta(self, name: str, sign: float) -> None:
+        """``W += sign * scale * delta`` in place, the sum in float32 and rounded to W's dtype once.
+
+        Where the subclass gives the delta as one product, a single GEMM accumulates it into W
+        (beta=1): no weight-sized delta tensor, no separate scale and add passes. A half-precision
+        W is widened once, updated and rounded back once; float64, quantized and non-contiguous
+        weights add a materialised delta instead.
         """
-        self.base_weight.add_(self.delta_weight(name), alpha=sign)
+        weight = self.base_weight
+        operands = self._delta_gemm_operands(name)
+        if (operands is None or type(weight) not in (nn.Parameter, torch.Tensor)
+                or weight.dtype not in _GEMM_MERGE_DTYPES or not weight.is_contiguous()):
+            weight.add_(self.delta_weight(name), alpha=sign)
+            return
+        left, right = operands
+        target = weight if weight.dtype == torch.float32 else weight.float()
+        target.view(left.shape[0], -1).addmm_(left, right, alpha=sign * self.scaling[name])
+        if target is not weight:
+            weight.copy_(target)
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())
         return f"adapters=({ranks}), active={list(self.active_adapters)}, merged={self.merged_adapters}"
+
+
+_GEMM_MERGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:

@@ -64,6 +64,10 @@ class LoraConv(LoraLayer):
         delta = (b @ a.flatten(1)).view(b.shape[0], *a.shape[1:])  # (out, in, *kernel)
         return delta * self.scaling[name]
 
+    def _delta_gemm_operands(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        # (out, r), (r, in * prod(kernel)): W viewed as (out, in * prod(kernel))
+        return self.lora_B[name].weight.float().flatten(1), self.lora_A[name].weight.float().flatten(1)
+
 
 def _plain_conv(base: nn.Module) -> type:
     dims = base.weight.dim() - 2

@@ -65,3 +65,7 @@ class LoraEmbedding(LoraLayer):
     def _delta_from_factors(self, name: str) -> torch.Tensor:
         a, b = self.lora_embedding_A[name].float(), self.lora_embedding_B[name].float()
         return (b @ a).T * self.scaling[name]  # (num_embeddings, embedding_dim)
+
+    def _delta_gemm_operands(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.lora_embedding_A[name].float(), self.lora_embedding_B[name].float()
+        return a.t(), b.t()  # (num_embeddings, r), (r, embedding_dim)

@@ -67,25 +67,8 @@ class LoraLinear(LoraLayer):
         a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
         return (b @ a) * self.scaling[name]  # (out, in)
 
-    def _add_delta(self, name: str, sign: float) -> None:
-        """``W += sign * scale * B @ A`` as one GEMM accumulating into float32 (beta=1): no (out, in)
-        delta, no separate scale and add passes. A half-precision W is widened once, updated and
-        rounded back once; float64 and quantized weights take the general path."""
-        weight = self.base_weight
-        if type(weight) not in (nn.Parameter, torch.Tensor) or weight.dtype not in _ADDMM_MERGE_DTYPES:
-            return super()._add_delta(name, sign)
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        target = weight if weight.dtype == torch.float32 else weight.float()
-        self._addmm_delta(target, a.float(), b.float(), sign * self.scaling[name])
-        if target is not weight:
-            weight.copy_(target)
-
-    @staticmethod
-    def _addmm_delta(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
-        weight.addmm_(b, a, alpha=alpha)  # W (out, in) += alpha * B (out, r) @ A (r, in)
-
-
-_ADDMM_MERGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+    def _delta_gemm_operands(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_B[name].weight.float(), self.lora_A[name].weight.float()  # (out, r), (r, in)
 
 
 class LoraConv1D(LoraLinear):
@@ -104,9 +87,8 @@ class LoraConv1D(LoraLinear):
     def _delta_from_factors(self, name: str) -> torch.Tensor:
         return super()._delta_from_factors(name).T.contiguous()  # (in, out)
 
-    @staticmethod
-    def _addmm_delta(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
-        weight.addmm_(a.t(), b.t(), alpha=alpha)  # W (in, out) += alpha * A.T (in, r) @ B.T (r, out)
+    def _delta_gemm_operands(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[name].weight.float().t(), self.lora_B[name].weight.float().t()  # (in, r), (r, out)
 
 
 class Factor(nn.Linear):
