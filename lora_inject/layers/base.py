@@ -22,7 +22,7 @@ class LoraLayer(nn.Module):
     ``forward(x) = base_layer(x) + sum over active, unmerged adapters of scale * B(A(dropout(x)))``.
 
     Subclasses implement :meth:`_create_factors`, :meth:`_init_factors`,
-    :meth:`_add_lora` and :meth:`_delta_from_factors`, and list the names of their
+    :meth:`_add_lora` and :meth:`_delta_factors`, and list the names of their
     per-adapter containers in ``adapter_param_names``.
     """
 
@@ -63,9 +63,15 @@ class LoraLayer(nn.Module):
             *(getattr(self, c)[name] for c in self.adapter_param_names), self.scaling[name], self.lora_dropout[name]
         )
 
-    def _delta_from_factors(self, name: str) -> torch.Tensor:
-        """``scale * B @ A`` in float32, shaped like the base weight."""
+    def _delta_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(left, right)`` in float32 with ``left @ right == delta / scale``, the base weight seen
+        as ``(left.shape[0], -1)``. Merge accumulates this product into the weight (one GEMM)."""
         raise NotImplementedError
+
+    def _delta_from_factors(self, name: str) -> torch.Tensor:
+        """``scale * delta`` in float32, shaped like the base weight (a conv reshapes it further)."""
+        left, right = self._delta_factors(name)
+        return (left @ right) * self.scaling[name]
 
     def factor_shapes(self, r: int) -> dict[str, tuple[int, ...]]:
         """``{key suffix as stored on disk: shape}`` of one adapter's factors at rank ``r``."""
@@ -224,26 +230,20 @@ class LoraLayer(nn.Module):
                 self._add_delta(name, -1.0)
         self._refresh_running()
 
-    def _delta_gemm_operands(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(left, right)`` in float32 with ``delta / scale == left @ right`` as the weight flattened
-        to ``(left.shape[0], -1)``; None where the delta is not one product (merge builds it instead)."""
-        return None
-
     def _add_delta(self, name: str, sign: float) -> None:
         """``W += sign * scale * delta`` in place, the sum in float32 and rounded to W's dtype once.
 
-        Where the subclass gives the delta as one product, a single GEMM accumulates it into W
-        (beta=1): no weight-sized delta tensor, no separate scale and add passes. A half-precision
-        W is widened once, updated and rounded back once; float64, quantized and non-contiguous
-        weights add a materialised delta instead.
+        One GEMM accumulates :meth:`_delta_factors`' product into W (beta=1): no weight-sized
+        delta tensor, no separate scale and add passes. A half-precision W is widened once,
+        updated and rounded back once; float64, quantized and non-contiguous weights add a
+        materialised delta instead.
         """
         weight = self.base_weight
-        operands = self._delta_gemm_operands(name)
-        if (operands is None or type(weight) not in (nn.Parameter, torch.Tensor)
-                or weight.dtype not in _GEMM_MERGE_DTYPES or not weight.is_contiguous()):
+        if (type(weight) not in (nn.Parameter, torch.Tensor) or weight.dtype not in _GEMM_MERGE_DTYPES
+                or not weight.is_contiguous()):
             weight.add_(self.delta_weight(name), alpha=sign)
             return
-        left, right = operands
+        left, right = self._delta_factors(name)
         target = weight if weight.dtype == torch.float32 else weight.float()
         target.view(left.shape[0], -1).addmm_(left, right, alpha=sign * self.scaling[name])
         if target is not weight:

@@ -58,15 +58,13 @@ class LoraConv(LoraLayer):
         hidden = conv_a._conv_forward(dropped, a, None)  # (N, r, *spatial_out)
         return result + conv_b._conv_forward(hidden.to(result.dtype), b, None)  # (N, out, *spatial_out)
 
-    def _delta_from_factors(self, name: str) -> torch.Tensor:
-        a = self.lora_A[name].weight.float()  # (r, in, *kernel)
-        b = self.lora_B[name].weight.float().flatten(1)  # (out, r)
-        delta = (b @ a.flatten(1)).view(b.shape[0], *a.shape[1:])  # (out, in, *kernel)
-        return delta * self.scaling[name]
-
-    def _delta_gemm_operands(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        # (out, r), (r, in * prod(kernel)): W viewed as (out, in * prod(kernel))
+    def _delta_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        # (out, r), (r, in * prod(kernel)): W seen as (out, in * prod(kernel))
         return self.lora_B[name].weight.float().flatten(1), self.lora_A[name].weight.float().flatten(1)
+
+    def _delta_from_factors(self, name: str) -> torch.Tensor:
+        kernel_shape = self.lora_A[name].weight.shape[1:]  # (in, *kernel)
+        return super()._delta_from_factors(name).view(-1, *kernel_shape)  # (out, in, *kernel)
 
 
 def _plain_conv(base: nn.Module) -> type:

@@ -62,10 +62,6 @@ class LoraEmbedding(LoraLayer):
         b = (b * scale).to(result.dtype)
         return result + after_a.to(result.dtype) @ b.T  # (..., embedding_dim)
 
-    def _delta_from_factors(self, name: str) -> torch.Tensor:
-        a, b = self.lora_embedding_A[name].float(), self.lora_embedding_B[name].float()
-        return (b @ a).T * self.scaling[name]  # (num_embeddings, embedding_dim)
-
-    def _delta_gemm_operands(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _delta_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.lora_embedding_A[name].float(), self.lora_embedding_B[name].float()
         return a.t(), b.t()  # (num_embeddings, r), (r, embedding_dim)

@@ -63,11 +63,7 @@ class LoraLinear(LoraLayer):
             fused = factor_b(factor_a(x2, dropout=p), residual=residual, alpha=scale)
         return fused.view(result.shape)
 
-    def _delta_from_factors(self, name: str) -> torch.Tensor:
-        a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
-        return (b @ a) * self.scaling[name]  # (out, in)
-
-    def _delta_gemm_operands(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _delta_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_B[name].weight.float(), self.lora_A[name].weight.float()  # (out, r), (r, in)
 
 
@@ -84,10 +80,7 @@ class LoraConv1D(LoraLinear):
         in_features, out_features = self.base_layer.weight.shape
         return in_features, out_features
 
-    def _delta_from_factors(self, name: str) -> torch.Tensor:
-        return super()._delta_from_factors(name).T.contiguous()  # (in, out)
-
-    def _delta_gemm_operands(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _delta_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[name].weight.float().t(), self.lora_B[name].weight.float().t()  # (in, r), (r, out)
 
 
