@@ -340,3 +340,102 @@ def test_fused_function_passes_gradcheck_and_gradgradcheck(p):
 
         assert torch.autograd.gradcheck(general, (inputs[0], inputs[3]))
         assert torch.autograd.gradgradcheck(general, (inputs[0], inputs[3]))
+
+
+# ----- conv inference: one conv with the kernel W + scale * B @ A ----------------------------------
+CONV_CASES = {
+    "conv1d_stride": (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1), (2, 4, 40)),
+    "conv2d_dilated_reflect": (
+        lambda: nn.Conv2d(3, 5, 3, padding=2, dilation=2, padding_mode="reflect"), (2, 3, 12, 12)
+    ),
+    "conv2d_same_no_bias": (lambda: nn.Conv2d(3, 5, (3, 5), padding="same", bias=False), (1, 3, 10, 10)),
+    "conv2d_1x1_unbatched": (lambda: nn.Conv2d(3, 5, 1), (3, 8, 8)),
+    "conv3d": (lambda: nn.Conv3d(2, 4, (1, 3, 3), padding=(0, 1, 1)), (1, 2, 3, 6, 6)),
+}
+
+
+def _conv_model(case, dropout=0.0, dtype=torch.float64):
+    make, shape = CONV_CASES[case]
+    model = Holder(make().to(dtype))
+    li.inject(model, targets=["layer"], r=2, alpha=3, dropout=dropout, adapter_dtype=dtype)
+    randomize_adapters(model, std=0.3)
+    calls = []
+    conv_a = model.layer.lora_A["default"]
+    plain_forward = conv_a._conv_forward
+    conv_a._conv_forward = lambda *args: calls.append(1) or plain_forward(*args)  # counts runs of A
+    return model, torch.randn(shape, dtype=dtype), calls
+
+
+def _conv_plain_formula(layer, x):
+    conv_a, conv_b = layer.lora_A["default"], layer.lora_B["default"]
+    hidden = type(conv_a)._conv_forward(conv_a, x, conv_a.weight, None)
+    return layer.base_layer(x) + layer.scaling["default"] * conv_b(hidden)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_inference_runs_one_conv_with_the_merged_kernel(case):
+    model, x, a_runs = _conv_model(case)
+    model.eval()
+    with torch.no_grad():
+        want = _conv_plain_formula(model.layer, x)
+        got = model(x)
+    with torch.inference_mode():
+        got_inference = model(x)
+    assert a_runs == []  # A never ran on its own: the merged kernel did its work
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got_inference, want, atol=1e-12, rtol=1e-10)
+    model.layer.requires_grad_(False)  # a frozen adapter outside no_grad needs no autograd either
+    torch.testing.assert_close(model(x), want, atol=1e-12, rtol=1e-10)
+    assert a_runs == []
+
+
+def test_conv_keeps_a_and_b_where_merging_would_change_results_or_cost_more():
+    model, x, a_runs = _conv_model("conv2d_dilated_reflect")
+    layer = model.layer
+
+    out = model(x)  # autograd: A and B need their gradients
+    assert len(a_runs) == 1 and out.requires_grad
+    torch.testing.assert_close(out, _conv_plain_formula(layer, x), atol=1e-12, rtol=1e-10)
+
+    dropped, _, a_runs = _conv_model("conv2d_dilated_reflect", dropout=0.5)
+    dropped.train()
+    with torch.no_grad():
+        dropped(x)  # dropout in effect: the adapter sees a dropped x, the base does not
+    assert len(a_runs) == 1
+
+    half, x16, a_runs = _conv_model("conv2d_dilated_reflect", dtype=torch.bfloat16)
+    with torch.no_grad():
+        half(x16)  # a bf16 kernel would round the adapter's update away
+    assert len(a_runs) == 1
+
+    hooked, _, a_runs = _conv_model("conv2d_dilated_reflect")
+    seen = []
+    hooked.layer.base_layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        hooked(x)
+    assert len(a_runs) == 1 and len(seen) == 1  # the base's hook ran, so the base was called
+
+    last, _, a_runs = _conv_model("conv2d_dilated_reflect")
+    last.layer.base_layer.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(last(x), _conv_plain_formula(last.layer, x), atol=1e-12, rtol=1e-10)
+    assert len(a_runs) == 1  # a channels_last kernel keeps its layout: the general path
+
+    wide = Holder(nn.Conv2d(64, 64, 3, padding=1))
+    li.inject(wide, targets=["layer"], r=4)
+    with torch.no_grad():
+        a = wide.layer.lora_A["default"]
+        plain_forward, runs = a._conv_forward, []
+        a._conv_forward = lambda *args: runs.append(1) or plain_forward(*args)
+        wide(torch.randn(1, 64, 3, 3))  # 9 positions: a 64x576 kernel costs more than A and B there
+    assert runs == [1]
+
+
+def test_merging_is_cheaper_weighs_kernel_against_positions():
+    from lora_inject.layers.conv import merging_is_cheaper
+
+    # 3x3, 64 -> 64: the kernel costs 64 * 576 per rank; A and B cost 640 per position
+    assert not merging_is_cheaper(positions=9, fan_in=576, fan_out=64)
+    assert merging_is_cheaper(positions=8 * 32 * 32, fan_in=576, fan_out=64)
+    assert merging_is_cheaper(positions=231, fan_in=576, fan_out=64)  # 64 * 576 <= 0.25 * 231 * 640
+    assert not merging_is_cheaper(positions=230, fan_in=576, fan_out=64)

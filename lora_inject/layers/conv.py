@@ -3,9 +3,18 @@
 A is a conv with the base's kernel, stride, padding, dilation and padding mode (so it
 sees the same receptive field as the base); B is a 1x1 conv. Their product is
 therefore a kernel of the base's shape and merges exactly.
+
+Where no gradient is wanted (inference, evaluation under ``no_grad``), the kernel
+``W + scale * B @ A`` is built on the fly and one conv runs: forming it costs
+``out * r * in * k`` multiply-adds, once per call, while running A and B costs
+``r * (in * k + out)`` per output position. A convolution has thousands of positions per
+image, so the merged kernel usually wins by far (measured: 1.35x the base's time -> 1.01x
+for 3x3, 64 channels, 8 x 32 x 32); :func:`merging_is_cheaper` decides per call.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +22,12 @@ from torch import nn
 
 from ..errors import UnsupportedModuleError
 from .base import LoraLayer
+from .fused import autocast_enabled, hooks_on
 from .linear import init_a_zero_b
+
+_PLAIN_CONVS = frozenset((nn.Conv1d, nn.Conv2d, nn.Conv3d))
+# the merged kernel is used when it costs at most this fraction of running A and B
+MERGE_COST_FRACTION = 0.25
 
 
 class LoraConv(LoraLayer):
@@ -50,6 +64,44 @@ class LoraConv(LoraLayer):
     def _init_factors(self, name: str, init: bool | str) -> None:
         init_a_zero_b(self.lora_A[name].weight, self.lora_B[name].weight, self.r[name], init)
 
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        running = self._running
+        if len(running) == 1 and not (args or kwargs):
+            kernel = self._merged_kernel(running[0], x)
+            if kernel is not None:
+                base = self.base_layer
+                return base._conv_forward(x, kernel, base.bias)
+        return super().forward(x, *args, **kwargs)
+
+    def _merged_kernel(self, entry: tuple, x: torch.Tensor) -> torch.Tensor | None:
+        """``W + scale * B @ A`` shaped like W (out, in, *kernel), or None where one conv with it
+        would not give what the base plus adapter give, or would cost more (see the module doc).
+
+        Only without autograd (nothing would reach A and B's gradients otherwise), without
+        dropout in effect, for the plain conv types without hooks or autocast, and for float32/64
+        weights: a bf16 kernel would round the adapter's small update away.
+        """
+        conv_a, conv_b, scale, p = entry
+        base = self.base_layer
+        if p > 0.0 and self.training:
+            return None
+        weight = base._parameters.get("weight")
+        if type(weight) is not nn.Parameter or weight.dtype not in (torch.float32, torch.float64):
+            return None
+        if weight.dtype != x.dtype or not weight.is_contiguous() or _needs_grad(x, weight, base.bias, conv_a, conv_b):
+            return None
+        if not (type(base) in _PLAIN_CONVS and type(conv_a) is type(base) and type(conv_b) is type(base)):
+            return None
+        if hooks_on(base, conv_a, conv_b) or autocast_enabled(x):
+            return None
+        fan_in = weight[0].numel()  # in * prod(kernel)
+        positions = x.numel() // base.in_channels // math.prod(base.stride)
+        if not merging_is_cheaper(positions, fan_in, base.out_channels):
+            return None
+        a = conv_a._parameters["weight"].to(x.dtype).flatten(1)  # (r, in * prod(kernel))
+        b = conv_b._parameters["weight"].to(x.dtype).flatten(1)  # (out, r)
+        return torch.addmm(weight.flatten(1), b, a, alpha=scale).view_as(weight)
+
     def _add_lora(self, entry: tuple, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         conv_a, conv_b, scale, p = entry
         a = conv_a.weight.to(x.dtype)
@@ -65,6 +117,22 @@ class LoraConv(LoraLayer):
     def _delta_from_factors(self, name: str) -> torch.Tensor:
         kernel_shape = self.lora_A[name].weight.shape[1:]  # (in, *kernel)
         return super()._delta_from_factors(name).view(-1, *kernel_shape)  # (out, in, *kernel)
+
+
+def merging_is_cheaper(positions: int, fan_in: int, fan_out: int) -> bool:
+    """Whether building ``W + scale * B @ A`` (``fan_out * r * fan_in`` multiply-adds) costs at most
+    ``MERGE_COST_FRACTION`` of running A and B at ``positions`` outputs (``positions * r * (fan_in +
+    fan_out)``). The fraction leaves room for writing the merged kernel and the skinny GEMM's lower
+    efficiency."""
+    return fan_out * fan_in <= MERGE_COST_FRACTION * positions * (fan_in + fan_out)
+
+
+def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *factors: nn.Module) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    if x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad):
+        return True
+    return any(f._parameters["weight"].requires_grad for f in factors)
 
 
 def _plain_conv(base: nn.Module) -> type:
