@@ -1,7 +1,7 @@
 """lora_inject vs PEFT, side by side in one process: ratios of medians, interleaved.
 
     python benchmarks/run.py            # everything (a few minutes on 2 cores)
-    python benchmarks/run.py train infer overhead inject merge
+    python benchmarks/run.py train infer conv overhead inject merge
     python benchmarks/run.py train infer --device cuda --dtype bfloat16
 """
 
@@ -163,6 +163,40 @@ def bench_merge(repeats: int) -> list[str]:
     return lines
 
 
+def bench_conv(repeats: int) -> list[str]:
+    """A conv stack (LoRA on four 3x3 Conv2d, 64 channels, batch 8 x 32 x 32): inference and a training step."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    base = nn.Sequential(*(layer for _ in range(4) for layer in (nn.Conv2d(64, 64, 3, padding=1), nn.ReLU())))
+    base = base.to(device=TARGET["device"], dtype=TARGET["dtype"])
+    targets = ["0", "2", "4", "6"]
+    a, b = ours(base, targets=targets), peft(base, targets=targets)
+    x = torch.randn(8, 64, 32, 32, device=TARGET["device"], dtype=TARGET["dtype"])
+
+    def infer(model):
+        def call():
+            with torch.inference_mode():
+                model(x)
+        return call
+
+    def train(model):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step():
+            model(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    r = rotating_ratios({"ours": infer(a.eval()), "peft": infer(b.eval()), "base": infer(base.eval())}, "base",
+                        2 * repeats)
+    t = rotating_ratios({"ours": train(a.train()), "peft": train(b.train())}, "peft", 2 * repeats)
+    return [f"conv inference (4 x Conv2d 64ch, 8x32x32): ours {r['ours']:.3f}x base, PEFT {r['peft']:.3f}x base "
+            f"(overhead ratio {(r['ours'] - 1) / max(1e-9, r['peft'] - 1):.2f})",
+            f"conv training step: ours / PEFT {t['ours']:.2f}"]
+
+
 def bench_overhead(repeats: int) -> list[str]:
     """Per-layer cost that does not shrink with the model: a 16x16 Linear, 2 tokens, one thread.
 
@@ -214,6 +248,7 @@ SECTIONS = {
     "train": lambda r: bench_train(0.0, r) + bench_train(0.05, r),
     "dropout-memory": lambda r: bench_dropout_memory(),
     "infer": lambda r: bench_infer(512, 1, 32, 6 * r) + bench_infer(1024, 4, 512, 2 * r),
+    "conv": lambda r: bench_conv(r),
     "overhead": lambda r: bench_overhead(r),
     "inject": lambda r: bench_inject(r),
     "merge": lambda r: bench_merge(r),
