@@ -94,7 +94,7 @@ class LoraConv(LoraLayer):
             return None
         if hooks_on(base, conv_a, conv_b) or autocast_enabled(x):
             return None
-        fan_in = weight[0].numel()  # in * prod(kernel)
+        fan_in = weight.numel() // weight.shape[0]  # in * prod(kernel)
         positions = x.numel() // base.in_channels // math.prod(base.stride)
         if not merging_is_cheaper(positions, fan_in, base.out_channels):
             return None
