@@ -439,3 +439,26 @@ def test_merging_is_cheaper_weighs_kernel_against_positions():
     assert merging_is_cheaper(positions=8 * 32 * 32, fan_in=576, fan_out=64)
     assert merging_is_cheaper(positions=231, fan_in=576, fan_out=64)  # 64 * 576 <= 0.25 * 231 * 640
     assert not merging_is_cheaper(positions=230, fan_in=576, fan_out=64)
+
+
+def test_torch_compile_fullgraph_conv_inference_and_training_match_eager():
+    """The merged-kernel branch (eval, no grad) and the A/B branch (training) both compile whole."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    li.inject(model, targets=["0", "2"], r=2)
+    randomize_adapters(model, std=0.3)
+    x = torch.randn(2, 3, 16, 16)
+    compiled = torch.compile(model, fullgraph=True)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-4)
+    model.train()
+    got = compiled(x)
+    got.square().mean().backward()
+    got_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    want = model(x)
+    want.square().mean().backward()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    for g, w in zip(got_grads, [p.grad for p in model.parameters() if p.requires_grad]):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
