@@ -53,7 +53,7 @@ class LoraConv(LoraLayer):
 
     def _create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
         base = self.base_layer
-        conv_type = type(base) if type(base) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else _plain_conv(base)
+        conv_type = type(base) if type(base) in _PLAIN_CONVS else _plain_conv(base)
         ones = (1,) * (base.weight.dim() - 2)
         self.lora_A[name] = conv_type(
             self.in_features, r, base.kernel_size, stride=base.stride, padding=base.padding,
