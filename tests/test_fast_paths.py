@@ -266,6 +266,137 @@ def test_fused_inference_equals_plain_formula(kind):
         torch.testing.assert_close(got, _plain_formula(model.layer, x), atol=1e-6, rtol=1e-5)
 
 
+# ----- no-grad calls: transposed operands kept between calls ----------------------------------
+
+
+def _no_grad_layer(kind="linear", dtype=torch.float64, **inject):
+    model = Holder(_linear_cases()[kind].to(dtype))
+    li.inject(model, targets=["layer"], r=3, alpha=5, **inject)
+    randomize_adapters(model, std=0.3)
+    return model.eval()
+
+
+def _assert_plain(model, x, **tol):
+    with torch.no_grad():
+        got, want = model(x), _plain_formula(model.layer, x)
+    torch.testing.assert_close(got, want, **(tol or dict(atol=1e-12, rtol=1e-10)))
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear_no_bias", "conv1d"])
+def test_no_grad_calls_reuse_cached_operands_and_equal_plain_formula(kind):
+    model = _no_grad_layer(kind, adapter_dtype=torch.float64)
+    layer = model.layer
+    for x in (torch.randn(2, 7, 24, dtype=torch.float64), torch.randn(5, 24, dtype=torch.float64),
+              torch.randn(24, dtype=torch.float64), torch.randn(0, 24, dtype=torch.float64)):
+        _assert_plain(model, x)
+    views = layer.__dict__["_frozen"][-1]
+    with torch.inference_mode():
+        model(torch.randn(3, 24, dtype=torch.float64))
+    assert layer.__dict__["_frozen"][-1] is views  # reused, not rebuilt
+    weight = layer.base_layer.weight
+    # the base weight is only ever viewed: Conv1D's (in, out) as it is, Linear's transposed
+    assert views[0] is weight if kind == "conv1d" else views[0]._base is weight
+    assert views[0].data_ptr() == weight.data_ptr()
+
+
+def test_cached_operands_follow_every_change_to_the_weights():
+    model = _no_grad_layer(adapter_dtype=torch.float64)
+    layer, x = model.layer, torch.randn(4, 24, dtype=torch.float64)
+    _assert_plain(model, x)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    model(x).square().sum().backward()
+    optimizer.step()  # A and B change in place
+    model.eval()
+    _assert_plain(model, x)
+    with torch.no_grad():
+        layer.base_layer.weight.data = torch.randn(20, 24, dtype=torch.float64)  # new storage, same Parameter
+        _assert_plain(model, x)
+        layer.base_layer.weight = nn.Parameter(torch.randn(20, 24, dtype=torch.float64))
+        _assert_plain(model, x)
+        layer.lora_A["default"].weight.copy_(torch.randn(3, 24))
+        _assert_plain(model, x)
+    li.inject(model, targets=["layer"], r=2, adapter="other", adapter_dtype=torch.float64)
+    randomize_adapters(model, adapter="other", std=0.3)
+    li.set_adapter(model, "other")
+    _assert_plain_for(model, x, "other")
+    li.set_adapter(model, "default")
+    with torch.no_grad():
+        unmerged = model(x)
+        li.merge(model)  # W changes in place (delta computed in float32); the adapter stops running
+        torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-5)
+        li.unmerge(model)
+    _assert_plain(model, x)
+
+
+def _assert_plain_for(model, x, adapter):
+    layer = model.layer
+    a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    with torch.no_grad():
+        want = layer.base_layer(x) + layer.scaling[adapter] * F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+        torch.testing.assert_close(model(x), want, atol=1e-12, rtol=1e-10)
+
+
+def test_cached_casts_of_fp32_adapters_follow_training_of_a_bf16_model():
+    model = _no_grad_layer(dtype=torch.bfloat16)  # adapters: float32 master weights
+    layer = model.layer
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(6, 24, dtype=torch.bfloat16)
+    for _ in range(3):
+        with torch.inference_mode():  # builds the casts (inference tensors) ...
+            infer = model(x)
+        with torch.no_grad():  # ... that serve here too
+            torch.testing.assert_close(model(x), infer, atol=0, rtol=0)
+        model.train()
+        grad_path = model(x)
+        torch.testing.assert_close(grad_path.detach(), infer, atol=0, rtol=0)  # same result as the grad path
+        grad_path.float().square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.eval()
+    assert layer.__dict__["_frozen"][-1][1].dtype == torch.bfloat16
+
+
+def test_cached_operands_are_dropped_by_to_and_left_out_of_copies(tmp_path):
+    model = _no_grad_layer(adapter_dtype=torch.float64)
+    x = torch.randn(4, 24, dtype=torch.float64)
+    _assert_plain(model, x)
+    assert "_frozen" in model.layer.__dict__
+    for twin in (copy.deepcopy(model), _pickled(model, tmp_path / "model.pt")):
+        assert "_frozen" not in twin.layer.__dict__
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x), model(x), atol=0, rtol=0)
+    model.float()  # .to() and friends: the old float64 storage must not stay alive through a view
+    assert "_frozen" not in model.layer.__dict__
+    _assert_plain(model, x.float(), atol=1e-5, rtol=1e-5)
+
+
+def _pickled(model, path):
+    torch.save(model, path)
+    return torch.load(path, weights_only=False)
+
+
+def test_no_grad_in_training_mode_still_applies_dropout():
+    model = _no_grad_layer(dropout=0.5, adapter_dtype=torch.float64).train()
+    x = torch.randn(64, 24, dtype=torch.float64)
+    with torch.no_grad():
+        dropped = model(x)
+    assert "_frozen" not in model.layer.__dict__
+    with torch.no_grad():
+        clean = model.eval()(x)
+    assert not torch.allclose(dropped, clean)
+
+
+def test_no_grad_calls_with_hooks_take_the_general_path():
+    model = _no_grad_layer()
+    calls = []
+    model.layer.lora_A["default"].register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    x = torch.randn(4, 24, dtype=torch.float64)
+    _assert_plain(model, x)
+    assert calls == [torch.Size([4, 3])] and "_frozen" not in model.layer.__dict__
+
+
 def test_hooks_and_autocast_take_the_general_path_and_still_run():
     model = Holder(nn.Linear(24, 20))
     li.inject(model, targets=["layer"], r=4)

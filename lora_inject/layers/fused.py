@@ -89,6 +89,23 @@ def lora_linear(
     return y2 if x.dim() == 2 else y2.view(*x.shape[:-1], y2.shape[1])
 
 
+def frozen_lora_linear(
+    x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, bt: torch.Tensor, bias: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """``x @ wt + bias + scale * (x @ at) @ bt`` where nothing needs a gradient, in the fewest ops.
+
+    Shapes: x (..., in); wt (in, out), at (in, r), bt (r, out), already transposed and in x's
+    dtype (the wrapper caches them, see ``LoraLinear._frozen_operands``). At batch 1 every op is
+    a dispatch that costs about as much as an adapter GEMM, so this path runs five: reshape, two
+    GEMMs, one in-place addmm, view. No dropout here: the caller sends training calls elsewhere.
+    """
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (N, in)
+    h = torch.mm(x2, at)  # (N, r), first: x2 is in cache
+    y = torch.mm(x2, wt) if bias is None else torch.addmm(bias, x2, wt)  # what nn.Linear computes
+    y.addmm_(h, bt, alpha=scale)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[1])
+
+
 def _effective_scale(scale: float, mask: torch.Tensor | None, dropout: float) -> float:
     """The adapter scale with dropout's 1/keep folded in (so no (N, in) tensor is ever divided)."""
     return scale / keep_probability(dropout) if mask is not None else scale
