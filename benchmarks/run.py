@@ -247,7 +247,7 @@ def bench_overhead(repeats: int) -> list[str]:
 SECTIONS = {
     "train": lambda r: bench_train(0.0, r) + bench_train(0.05, r),
     "dropout-memory": lambda r: bench_dropout_memory(),
-    "infer": lambda r: bench_infer(512, 1, 32, 6 * r) + bench_infer(1024, 4, 512, 2 * r),
+    "infer": lambda r: bench_infer(512, 1, 32, 25 * r) + bench_infer(1024, 4, 512, 3 * r),  # ~15 ms and ~0.4 s a call
     "conv": lambda r: bench_conv(r),
     "overhead": lambda r: bench_overhead(r),
     "inject": lambda r: bench_inject(r),
