@@ -195,6 +195,23 @@ def test_torch_compile_fullgraph_matches_eager(dropout, training):
     _compile_matches_eager(li.inject(tiny_llama(), targets="all-linear", r=4, dropout=dropout), training)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_torch_compile_fullgraph_without_autograd_matches_eager(mode):
+    """Eager no-grad calls keep transposed operands between calls; compiled ones must not need them."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = li.inject(tiny_llama(), targets="all-linear", r=4, dropout=0.1)
+    randomize_adapters(model)
+    model.eval()
+    ids = torch.randint(0, 100, (2, 8))
+    context = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    with context():
+        got = torch.compile(model, fullgraph=True)(input_ids=ids).logits
+        expected = model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_torch_compile_fullgraph_gpt2_conv1d_with_dropout():
     """transformers' Conv1D takes the fused path transposed; compiled training must match too."""
     model = li.inject(tiny_gpt2(), targets=["c_attn", "c_proj", "c_fc"], r=4, dropout=0.1)
