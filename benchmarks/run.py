@@ -1,7 +1,7 @@
 """lora_inject vs PEFT, side by side in one process: ratios of medians, interleaved.
 
     python benchmarks/run.py            # everything (a few minutes on 2 cores)
-    python benchmarks/run.py train infer conv overhead inject merge
+    python benchmarks/run.py train infer decode conv overhead inject merge
     python benchmarks/run.py train infer --device cuda --dtype bfloat16
 """
 
@@ -90,6 +90,28 @@ def bench_infer(hidden: int, batch: int, tokens: int, repeats: int) -> list[str]
     ours_vs_base, peft_vs_base = ratios["ours"], ratios["peft"]
     return [f"unmerged inference hidden {hidden}, {batch}x{tokens}: ours {ours_vs_base:.3f}x base, "
             f"PEFT {peft_vs_base:.3f}x base (overhead ratio {(ours_vs_base - 1) / max(1e-9, peft_vs_base - 1):.2f})"]
+
+
+def bench_decode(repeats: int) -> list[str]:
+    """Greedy ``generate``: 32 new tokens one at a time (KV cache) after a 16-token prompt, batch 1.
+
+    What an inference server pays for an unmerged adapter: each step runs every module on one
+    token, so per-call overhead, not FLOPs, sets the cost.
+    """
+    base = llama().eval()
+    base.generation_config.pad_token_id = 0
+    ids = token_ids(1, 16)
+    a, b = ours(base).eval(), peft(base).eval()
+
+    def run(model):
+        def call():
+            with torch.inference_mode():
+                model.generate(input_ids=ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        return call
+
+    r = rotating_ratios({"ours": run(a), "peft": run(b), "base": run(base)}, "base", repeats)
+    return [f"greedy decode, 32 tokens after 16, batch 1: ours {r['ours']:.3f}x base, PEFT {r['peft']:.3f}x base "
+            f"(overhead ratio {(r['ours'] - 1) / max(1e-9, r['peft'] - 1):.2f})"]
 
 
 def bench_inject(repeats: int) -> list[str]:
@@ -248,6 +270,7 @@ SECTIONS = {
     "train": lambda r: bench_train(0.0, r) + bench_train(0.05, r),
     "dropout-memory": lambda r: bench_dropout_memory(),
     "infer": lambda r: bench_infer(512, 1, 32, 25 * r) + bench_infer(1024, 4, 512, 3 * r),  # ~15 ms and ~0.4 s a call
+    "decode": lambda r: bench_decode(4 * r),
     "conv": lambda r: bench_conv(r),
     "overhead": lambda r: bench_overhead(r),
     "inject": lambda r: bench_inject(r),
