@@ -282,10 +282,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sections", nargs="*", help=f"any of {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--repeats", type=int, default=8)
-    parser.add_argument("--device", default="cpu", help="for train, dropout-memory, infer (e.g. cuda); "
+    parser.add_argument("--device", default="cpu", help="for train, dropout-memory, infer, decode, conv (e.g. cuda); "
                         "inject and merge always run on the CPU")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="base model dtype for train, dropout-memory, infer (adapters stay float32)")
+                        help="base model dtype for train, dropout-memory, infer, decode, conv (adapters stay float32)")
     args = parser.parse_args()
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
