@@ -316,6 +316,15 @@ def test_no_grad_calls_reuse_cached_operands_and_equal_plain_formula(kind):
     assert views[0].data_ptr() == weight.data_ptr()
 
 
+@pytest.mark.parametrize("kind", ["linear", "linear_no_bias", "conv1d"])
+def test_no_grad_call_of_a_fresh_adapter_equals_the_base_bit_for_bit(kind):
+    base = _linear_cases()[kind]
+    model = li.inject(Holder(copy.deepcopy(base)), targets=["layer"], r=4).eval()  # B = 0
+    x = torch.randn(3, 5, 24)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), base(x), atol=0, rtol=0)
+
+
 def test_cached_operands_follow_every_change_to_the_weights():
     model = _no_grad_layer(adapter_dtype=torch.float64)
     layer, x = model.layer, torch.randn(4, 24, dtype=torch.float64)
