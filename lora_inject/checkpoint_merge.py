@@ -1,8 +1,8 @@
 """Fold an adapter into a safetensors checkpoint on disk, tensor by tensor, without building the model.
 
 Peak memory is about one row chunk of the largest tensor plus the adapter: the merged
-weight ``W + scale * B @ A`` is computed in float32 per chunk of rows and streamed to the
-output file. Values are bit-identical to loading the model in the same dtype,
+weight ``W + scale * B @ A`` is computed in float32 (float64 for float64 tensors) per chunk
+of rows and streamed to the output file. Values are bit-identical to loading the model in the same dtype,
 ``merge_and_unload`` and ``save_pretrained``.
 """
 
@@ -68,10 +68,10 @@ class Edit:
         return False
 
     def add_to_rows(self, rows: torch.Tensor, i: int, j: int) -> torch.Tensor:
-        """``rows`` (float32, rows [i, j) of the stored weight, contiguous, updated in place) plus
-        ``scale * delta``, as one GEMM accumulating into them: the arithmetic ``merge_and_unload``
-        uses, so both write the same bits."""
-        a, b = self.a.float(), self.b.float()
+        """``rows`` (float32 or float64, rows [i, j) of the stored weight, contiguous, updated in place)
+        plus ``scale * delta``, as one GEMM accumulating into them in rows' dtype: the arithmetic
+        ``merge_and_unload`` uses, so both write the same bits."""
+        a, b = self.a.to(rows.dtype), self.b.to(rows.dtype)
         if self.kind == "transposed":  # Conv1D (in, out), Embedding (num_embeddings, dim)
             left, right = a[:, i:j].t(), b.t()
         else:  # linear (out, in), conv (out, in, *kernel) seen as (out, in * prod(kernel))
@@ -199,7 +199,8 @@ def _check_tied(base: Path, matched: dict[str, Edit]) -> None:
 
 
 def merged_tensor_rows(tensor_slice, edit: Edit | None, out_dtype: torch.dtype | None) -> Iterator[torch.Tensor]:
-    """The output tensor in row chunks: base rows cast to the output dtype, plus the delta in float32."""
+    """The output tensor in row chunks: base rows cast to the output dtype, plus the delta in float32
+    (float64 where the output or the adapter is float64, as ``merge_and_unload`` does)."""
     shape = tuple(tensor_slice.get_shape())
     dtype = _out_dtype(tensor_slice, out_dtype)
     if edit is not None and edit.replacement is not None:
@@ -216,7 +217,8 @@ def merged_tensor_rows(tensor_slice, edit: Edit | None, out_dtype: torch.dtype |
         else:
             base = (tensor_slice[i:j] if shape else tensor_slice[:]).to(dtype)
         if edit is not None and edit.kind is not None:
-            chunk = base.float()
+            wide = torch.float64 in (dtype, edit.a.dtype, edit.b.dtype)
+            chunk = base.to(torch.float64 if wide else torch.float32)
             if full_slice is not None and chunk is base:  # a view of the replacement: never write into it
                 chunk = chunk.clone()
             base = edit.add_to_rows(chunk, i, j).to(dtype)

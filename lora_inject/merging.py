@@ -17,8 +17,9 @@ from .layers import LoraLayer
 def merge(model: nn.Module, adapters: str | Iterable[str] | None = None, *, safe: bool = True) -> None:
     """Fold adapters (default: the active ones) into the base weights; the wrappers stay.
 
-    Computed in float32, cast back once. Already-merged adapters are skipped (with a warning),
-    never added twice. ``safe=True`` checks every merged weight for NaN/inf before writing any.
+    Computed in float32 (float64 for float64 weights or adapters), cast back once. Already-merged
+    adapters are skipped (with a warning), never added twice. ``safe=True`` checks every merged
+    weight for NaN/inf before writing any.
     """
     check_not_distributed(model, "merge adapters")
     names = None if adapters is None else ([adapters] if isinstance(adapters, str) else list(adapters))

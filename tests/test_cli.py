@@ -54,8 +54,8 @@ def test_inspect_unknown_model_type_error(tmp_path, capsys):
 
 
 # ----- streaming merge ------------------------------------------------------------------------
-def _checkpoint(tmp_path, kind):
-    """A sharded base checkpoint, an adapter for it, and the model class."""
+def _checkpoint(tmp_path, kind, dtype=torch.float32):
+    """A sharded base checkpoint (stored in ``dtype``), an adapter for it, and the model class."""
     if kind == "llama":
         model, cls = tiny_llama(), t.LlamaForCausalLM
         li_kwargs = dict(targets=["q_proj", "v_proj", "down_proj", "embed_tokens"], rslora=True,
@@ -66,6 +66,7 @@ def _checkpoint(tmp_path, kind):
     else:
         model, cls = tiny_bert(), t.BertForSequenceClassification
         li_kwargs = dict(targets=["query", "value"], modules_to_save=["classifier"], bias="lora_only")
+    model = model.to(dtype)
     model.save_pretrained(tmp_path / "base", max_shard_size="20KB")
     (tmp_path / "base" / "tokenizer_config.json").write_text('{"model_max_length": 64}')
     li.inject(model, r=4, **li_kwargs)
@@ -100,6 +101,22 @@ def test_streaming_merge_is_bit_identical_to_merge_and_unload(kind, dtype, tmp_p
     assert (tmp_path / "out" / "tokenizer_config.json").is_file()
     reloaded = cls.from_pretrained(tmp_path / "out")  # plain transformers reads it
     assert not any("lora" in k for k in reloaded.state_dict())
+
+
+def test_streaming_merge_of_a_float64_checkpoint_keeps_float64_precision(tmp_path):
+    """A float64 checkpoint is merged in float64, bit-identical to merge_and_unload of the float64 model."""
+    cls = _checkpoint(tmp_path, "llama", dtype=torch.float64)
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out")]) == 0
+    reference = li.from_pretrained(tmp_path / "base", tmp_path / "adapter", model_class=cls, dtype=torch.float64)
+    adapted = len(list(li.lora_layers(reference)))
+    expected = {k: v for k, v in li.merge_and_unload(reference).state_dict().items() if k != "lm_head.weight"}
+    merged, stored = read_all(tmp_path / "out"), read_all(tmp_path / "base")
+    changed = 0
+    for key, value in expected.items():
+        assert merged[key].dtype == torch.float64, key
+        assert torch.equal(merged[key], value), key
+        changed += not torch.equal(merged[key], stored[key])
+    assert changed == adapted > 0  # every adapted weight really merged, nothing else touched
 
 
 def test_merge_refusals(tmp_path, capsys):

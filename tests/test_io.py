@@ -96,6 +96,20 @@ def test_adapter_saved_here_loads_in_peft_with_our_outputs(name, tmp_path):
     torch.testing.assert_close(run(reloaded, x), run(ours, x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["llama_embeddings", "gpt2_conv1d", "conv2d"])
+def test_float64_merge_equals_peft_to_float64_precision(name, tmp_path):
+    """PEFT merges a float64 model in float64; so do we (a float32 delta was ~1e-6 off)."""
+    base, theirs, _ = peft_model(name)
+    base, theirs = base.double(), theirs.double()
+    theirs.save_pretrained(tmp_path)
+    ours = li.load_adapter(copy.deepcopy(base), tmp_path)
+    merged_ours, merged_theirs = li.merge_and_unload(ours).state_dict(), theirs.merge_and_unload().state_dict()
+    assert merged_ours.keys() == merged_theirs.keys()
+    for key, value in merged_theirs.items():
+        assert merged_ours[key].dtype == value.dtype
+        torch.testing.assert_close(merged_ours[key], value, atol=1e-13, rtol=1e-13, msg=key)
+
+
 @pytest.mark.parametrize("targets", [
     ["re:.*\\.(q|k)_proj", "embed_tokens"],  # regex item in a list: PEFT has no such form
     [nn.Linear],  # a type

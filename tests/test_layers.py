@@ -161,6 +161,37 @@ def test_merge_accumulates_without_a_delta_tensor(case, dtype, monkeypatch):
     assert ((layer.base_layer.weight.float() - original.float()).abs() <= 2 * tol).all()
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_float64_merge_keeps_float64_precision(case):
+    """A float64 model merges in float64: delta and sum to ~1e-15, not float32's ~1e-7."""
+    model, layer, x = wrapped(case)
+    model.double()
+    x = x.double() if x.is_floating_point() else x
+    set_random(layer)
+    original = layer.base_layer.weight.detach().clone()
+    delta = reference_delta(layer)  # float64 factors: the exact formula
+    assert layer.delta_weight("default").dtype == torch.float64
+    torch.testing.assert_close(layer.delta_weight("default"), delta, atol=1e-13, rtol=1e-13)
+    unmerged = model(x)
+    li.merge(model)
+    torch.testing.assert_close(layer.base_layer.weight, original + delta, atol=1e-13, rtol=1e-13)
+    torch.testing.assert_close(model(x), unmerged, atol=1e-12, rtol=1e-12)
+    li.unmerge(model)
+    torch.testing.assert_close(layer.base_layer.weight, original, atol=1e-13, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["linear", "conv2d_1x1", "embedding_padding", "hf_conv1d"])
+def test_float64_adapters_on_a_float32_base_merge_with_one_rounding(case):
+    """adapter_dtype=float64 on a float32 weight: the delta in float64, the sum rounded to float32 once."""
+    model, layer, _ = wrapped(case, adapter_dtype=torch.float64)
+    set_random(layer)
+    original = layer.base_layer.weight.detach().clone()
+    expected = (original.double() + reference_delta(layer)).float()
+    li.merge(model)
+    assert layer.base_layer.weight.dtype == torch.float32
+    torch.testing.assert_close(layer.base_layer.weight, expected, atol=0, rtol=0)
+
+
 def test_merge_into_a_channels_last_conv_weight():
     """A weight that cannot be viewed as (out, -1) gets a materialised delta instead, same result."""
     model, layer, x = wrapped("conv2d_dilated_reflect")

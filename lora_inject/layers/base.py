@@ -63,14 +63,19 @@ class LoraLayer(nn.Module):
             *(getattr(self, c)[name] for c in self.adapter_param_names), self.scaling[name], self.lora_dropout[name]
         )
 
-    def _delta_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(left, right)`` in float32 with ``left @ right == delta / scale``, the base weight seen
+    def _delta_factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(left, right)`` in ``dtype`` with ``left @ right == delta / scale``, the base weight seen
         as ``(left.shape[0], -1)``. Merge accumulates this product into the weight (one GEMM)."""
         raise NotImplementedError
 
+    def _delta_dtype(self, name: str) -> torch.dtype:
+        """float32, or float64 where the base weight or the adapter is float64 (never narrower than either)."""
+        tensors = (self.base_weight, *self.adapter_parameters(name))
+        return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
     def _delta_from_factors(self, name: str) -> torch.Tensor:
-        """``scale * delta`` in float32, shaped like the base weight (a conv reshapes it further)."""
-        left, right = self._delta_factors(name)
+        """``scale * delta`` in :meth:`_delta_dtype`, shaped like the base weight (a conv reshapes it further)."""
+        left, right = self._delta_factors(name, self._delta_dtype(name))
         return (left @ right) * self.scaling[name]
 
     def factor_shapes(self, r: int) -> dict[str, tuple[int, ...]]:
@@ -171,7 +176,7 @@ class LoraLayer(nn.Module):
 
     # ----- merge ------------------------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
-        """``scale * B @ A`` in float32, shaped like the base weight."""
+        """``scale * B @ A`` in float32 (float64 for float64 weights or adapters), shaped like the base weight."""
         self._require(name)
         return self._delta_from_factors(name)
 
@@ -204,8 +209,9 @@ class LoraLayer(nn.Module):
     def merge(self, names: Iterable[str] | None = None, check_finite: bool = False) -> list[str]:
         """Fold adapters (default: the active ones) into the base weight. Already merged: skipped.
 
-        ``W += delta`` in place: the addition runs in float32 (delta's dtype) and rounds to W's
-        dtype once, exactly ``(W.float() + delta).to(W.dtype)`` without the temporaries.
+        ``W += delta`` in place: the addition runs in delta's dtype (float32, float64 where W or the
+        adapter is) and rounds to W's dtype once, exactly ``(W.float() + delta).to(W.dtype)``
+        without the temporaries.
         """
         names = list(self.active_adapters if names is None else names)
         done = []
@@ -223,7 +229,7 @@ class LoraLayer(nn.Module):
         return done
 
     def unmerge(self) -> None:
-        """Subtract every merged adapter again, last merged first, in float32."""
+        """Subtract every merged adapter again, last merged first, in float32 (float64 where W or the adapter is)."""
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():
@@ -231,20 +237,21 @@ class LoraLayer(nn.Module):
         self._refresh_running()
 
     def _add_delta(self, name: str, sign: float) -> None:
-        """``W += sign * scale * delta`` in place, the sum in float32 and rounded to W's dtype once.
+        """``W += sign * scale * delta`` in place, the sum in :meth:`_delta_dtype` (float32, or float64
+        where W or the adapter is) and rounded to W's dtype once.
 
         One GEMM accumulates :meth:`_delta_factors`' product into W (beta=1): no weight-sized
-        delta tensor, no separate scale and add passes. A half-precision W is widened once,
-        updated and rounded back once; float64, quantized and non-contiguous weights add a
-        materialised delta instead.
+        delta tensor, no separate scale and add passes. A narrower W is widened once, updated
+        and rounded back once; quantized and non-contiguous weights add a materialised delta.
         """
         weight = self.base_weight
         if (type(weight) not in (nn.Parameter, torch.Tensor) or weight.dtype not in _GEMM_MERGE_DTYPES
                 or not weight.is_contiguous()):
             weight.add_(self.delta_weight(name), alpha=sign)
             return
-        left, right = self._delta_factors(name)
-        target = weight if weight.dtype == torch.float32 else weight.float()
+        dtype = self._delta_dtype(name)
+        left, right = self._delta_factors(name, dtype)
+        target = weight if weight.dtype == dtype else weight.to(dtype)
         target.view(left.shape[0], -1).addmm_(left, right, alpha=sign * self.scaling[name])
         if target is not weight:
             weight.copy_(target)
@@ -254,7 +261,7 @@ class LoraLayer(nn.Module):
         return f"adapters=({ranks}), active={list(self.active_adapters)}, merged={self.merged_adapters}"
 
 
-_GEMM_MERGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_GEMM_MERGE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
 def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:

@@ -110,9 +110,9 @@ class LoraConv(LoraLayer):
         hidden = conv_a._conv_forward(dropped, a, None)  # (N, r, *spatial_out)
         return result + conv_b._conv_forward(hidden.to(result.dtype), b, None)  # (N, out, *spatial_out)
 
-    def _delta_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _delta_factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # (out, r), (r, in * prod(kernel)): W seen as (out, in * prod(kernel))
-        return self.lora_B[name].weight.float().flatten(1), self.lora_A[name].weight.float().flatten(1)
+        return self.lora_B[name].weight.to(dtype).flatten(1), self.lora_A[name].weight.to(dtype).flatten(1)
 
     def _delta_from_factors(self, name: str) -> torch.Tensor:
         kernel_shape = self.lora_A[name].weight.shape[1:]  # (in, *kernel)

@@ -62,6 +62,6 @@ class LoraEmbedding(LoraLayer):
         b = (b * scale).to(result.dtype)
         return result + after_a.to(result.dtype) @ b.T  # (..., embedding_dim)
 
-    def _delta_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = self.lora_embedding_A[name].float(), self.lora_embedding_B[name].float()
+    def _delta_factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.lora_embedding_A[name].to(dtype), self.lora_embedding_B[name].to(dtype)
         return a.t(), b.t()  # (num_embeddings, r), (r, embedding_dim)

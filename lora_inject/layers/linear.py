@@ -104,8 +104,8 @@ class LoraLinear(LoraLayer):
             fused = factor_b(factor_a(x2, dropout=p), residual=residual, alpha=scale)
         return fused.view(result.shape)
 
-    def _delta_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lora_B[name].weight.float(), self.lora_A[name].weight.float()  # (out, r), (r, in)
+    def _delta_factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_B[name].weight.to(dtype), self.lora_A[name].weight.to(dtype)  # (out, r), (r, in)
 
 
 class LoraConv1D(LoraLinear):
@@ -121,8 +121,8 @@ class LoraConv1D(LoraLinear):
         in_features, out_features = self.base_layer.weight.shape
         return in_features, out_features
 
-    def _delta_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lora_A[name].weight.float().t(), self.lora_B[name].weight.float().t()  # (in, r), (r, out)
+    def _delta_factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[name].weight.to(dtype).t(), self.lora_B[name].weight.to(dtype).t()  # (in, r), (r, out)
 
 
 class Factor(nn.Linear):
