@@ -51,6 +51,93 @@ def peft(base, r=16, dropout=0.0, targets=SEVEN):
     return p.get_peft_model(copy.deepcopy(base), config)
 
 
+def adapter_gemms(base, tokens: int, r: int = 16, targets=SEVEN, train: bool = True) -> Callable:
+    """What an exact LoRA step must add to the frozen base, alone: the adapter GEMMs and AdamW on A and B.
+
+    Per adapted Linear (in -> out) over ``tokens`` rows: forward ``h = x @ A.T`` (N, r) and
+    ``y += h @ B.T``; backward ``grad_B = grad_y.T @ h``, ``grad_h = grad_y @ B``,
+    ``grad_A = grad_h.T @ x`` and ``grad_x += grad_h @ A`` (skipped for the first layer's
+    q/k/v, whose input needs no gradient); then one AdamW step over every A and B. No
+    autograd, no library, one Python loop. Each module gets its own x, y, grad_y, grad_x, so
+    the caches see what a real step's activations give them. Added to the frozen-base floor,
+    this is the fastest an exact-gradient LoRA step can be with PyTorch's kernels here.
+    ``train=False``: the forward GEMMs only, what unmerged inference must add to the base.
+    """
+    kw = {"device": TARGET["device"], "dtype": TARGET["dtype"]}
+    layers = []
+    for name, module in base.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Linear) and leaf in targets:
+            first_qkv = ".layers.0.self_attn." in f".{name}" and leaf in ("q_proj", "k_proj", "v_proj")
+            n_in, n_out = module.in_features, module.out_features
+            a, b = torch.nn.Parameter(torch.randn(r, n_in, **kw)), torch.nn.Parameter(torch.randn(n_out, r, **kw))
+            activations = [torch.randn(tokens, n, **kw) for n in (n_in, n_out, n_out, n_in)]  # x, y, grad_y, grad_x
+            layers.append((a, b, *activations, not first_qkv))
+    optimizer = torch.optim.AdamW([p for layer in layers for p in layer[:2]], lr=1e-4)
+
+    @torch.no_grad()
+    def step():
+        hs = []
+        for a, b, x, y, _, _, _ in layers:
+            h = torch.mm(x, a.t())
+            y.addmm_(h, b.t())
+            hs.append(h)
+        if not train:
+            return
+        for (a, b, x, _, grad_y, grad_x, need_x), h in zip(reversed(layers), reversed(hs)):
+            b.grad = torch.mm(grad_y.t(), h)
+            grad_h = torch.mm(grad_y, b)
+            a.grad = torch.mm(grad_h.t(), x)
+            if need_x:
+                grad_x.addmm_(grad_h, a)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def keep_freed_heap() -> bool:
+    """glibc only: stop returning freed heap to the system (trim threshold 1 GiB, mmap threshold 32 MiB).
+
+    Then no step faults pages back in because an earlier one freed them, and ratios compare
+    work, not allocator luck. Process-wide, so both sides of every comparison get it. False
+    where there is no glibc ``mallopt``.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_trim_threshold, 1 << 30)) and bool(mallopt(m_mmap_threshold, 1 << 25))
+
+
+def counting_page_faults(fns: dict[str, Callable]) -> tuple[dict[str, Callable], dict[str, list[int]]]:
+    """``fns`` wrapped to record each call's minor page faults (fresh pages the kernel zeroes).
+
+    glibc returns freed heap to the system once enough of it sits at the top, so the next step
+    faults its pages back in: 16k faults (64 MiB) add ~10% to a training step here, and
+    whether a step pays depends on where its last allocations landed, not on its own work.
+    Empty lists where the platform has no ``resource`` module.
+    """
+    try:
+        import resource
+    except ImportError:
+        return fns, {name: [] for name in fns}
+    faults: dict[str, list[int]] = {name: [] for name in fns}
+
+    def wrap(name: str, fn: Callable) -> Callable:
+        def call():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            fn()
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return call
+
+    return {name: wrap(name, fn) for name, fn in fns.items()}, faults
+
+
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: int = 2) -> dict[str, float]:
     """Median seconds per call for each function, calls alternating A, B, A, B ..."""
     for _ in range(warmup):

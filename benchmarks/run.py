@@ -3,6 +3,7 @@
     python benchmarks/run.py            # everything (a few minutes on 2 cores)
     python benchmarks/run.py train infer decode conv overhead inject merge
     python benchmarks/run.py train infer --device cuda --dtype bfloat16
+    python benchmarks/run.py train --keep-heap  # no page-fault noise from glibc's heap trimming
 """
 
 from __future__ import annotations
@@ -11,13 +12,27 @@ import argparse
 import copy
 import os
 import platform
+import statistics
 import sys
 import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import SEVEN, TARGET, llama, ours, paired_ratio, peft, rotating_ratios, saved_bytes, token_ids  # noqa: E402
+from common import (  # noqa: E402
+    SEVEN,
+    TARGET,
+    adapter_gemms,
+    counting_page_faults,
+    keep_freed_heap,
+    llama,
+    ours,
+    paired_ratio,
+    peft,
+    rotating_ratios,
+    saved_bytes,
+    token_ids,
+)
 
 
 def _train_step(model, ids, optimizer):
@@ -54,16 +69,22 @@ def bench_train(dropout: float, repeats: int) -> list[str]:
     a, b = ours(base, dropout=dropout).train(), peft(base, dropout=dropout).train()
     step_a = _train_step(a, ids, torch.optim.AdamW([p for p in a.parameters() if p.requires_grad], lr=1e-4))
     step_b = _train_step(b, ids, torch.optim.AdamW([p for p in b.parameters() if p.requires_grad], lr=1e-4))
-    ratios = rotating_ratios({"ours": step_a, "peft": step_b, "frozen": _frozen_base_step(base, ids)}, "peft",
-                             repeats=2 * repeats)  # steps move by +-10% here: more rounds for a steadier median
+    steps = {"ours": step_a, "peft": step_b, "frozen": _frozen_base_step(base, ids),
+             "gemms": adapter_gemms(base, ids.numel())}
+    steps, faults = counting_page_faults(steps)
+    ratios = rotating_ratios(steps, "peft", repeats=2 * repeats)  # steps move by +-10%: more rounds, steadier median
     torch.manual_seed(0)
     bytes_a = saved_bytes(lambda: a(input_ids=ids, labels=ids).loss)
     bytes_b = saved_bytes(lambda: b(input_ids=ids, labels=ids).loss)
-    floor = ratios["frozen"]
+    floor, gemms = ratios["frozen"], ratios["gemms"]
     return [
-        f"train step, dropout={dropout}: ours / PEFT {ratios['ours']:.2f}; frozen base without adapters / PEFT "
-        f"{floor:.2f} (LoRA's share above that floor: ours {ratios['ours'] - floor:.2f}, PEFT {1 - floor:.2f})",
+        f"train step, dropout={dropout}: ours / PEFT {ratios['ours']:.3f}; frozen base without adapters / PEFT "
+        f"{floor:.3f} (LoRA's share above that floor: ours {ratios['ours'] - floor:.3f}, PEFT {1 - floor:.3f}); "
+        f"the adapter GEMMs and AdamW alone / PEFT {gemms:.3f}, so an exact LoRA step here costs at least "
+        f"floor + those = {floor + gemms:.3f} (ours is {ratios['ours'] - floor - gemms:+.3f} above that)",
         f"saved for backward, dropout={dropout}: ours {bytes_a / 2**20:.1f} MiB, PEFT {bytes_b / 2**20:.1f} MiB",
+        f"minor page faults per step, dropout={dropout} (median, max): "
+        + ", ".join(f"{name} {statistics.median(n):.0f}, {max(n)}" for name, n in faults.items() if n),
     ]
 
 
@@ -86,10 +107,12 @@ def bench_infer(hidden: int, batch: int, tokens: int, repeats: int) -> list[str]
                 model(input_ids=ids)
         return call
 
-    ratios = rotating_ratios({"ours": run(a), "peft": run(b), "base": run(base)}, "base", repeats)
+    gemms = adapter_gemms(base, ids.numel(), train=False)
+    ratios = rotating_ratios({"ours": run(a), "peft": run(b), "base": run(base), "gemms": gemms}, "base", repeats)
     ours_vs_base, peft_vs_base = ratios["ours"], ratios["peft"]
     return [f"unmerged inference hidden {hidden}, {batch}x{tokens}: ours {ours_vs_base:.3f}x base, "
-            f"PEFT {peft_vs_base:.3f}x base (overhead ratio {(ours_vs_base - 1) / max(1e-9, peft_vs_base - 1):.2f})"]
+            f"PEFT {peft_vs_base:.3f}x base (overhead ratio {(ours_vs_base - 1) / max(1e-9, peft_vs_base - 1):.2f}); "
+            f"the adapter GEMMs alone {ratios['gemms']:.3f}x base, so at least {1 + ratios['gemms']:.3f}x"]
 
 
 def bench_decode(repeats: int) -> list[str]:
@@ -286,12 +309,18 @@ def main() -> None:
                         "inject and merge always run on the CPU")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="base model dtype for train, dropout-memory, infer, decode, conv (adapters stay float32)")
+    parser.add_argument("--keep-heap", action="store_true",
+                        help="glibc: never hand freed heap back to the system, so steps pay no page faults for "
+                        "earlier frees (both sides alike); default: the allocator as users get it")
     args = parser.parse_args()
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     args.sections = args.sections or list(SECTIONS)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    heap = "default heap"
+    if args.keep_heap:
+        heap = "freed heap kept" if keep_freed_heap() else "default heap (no glibc mallopt here)"
     TARGET.update(device=args.device, dtype=getattr(torch, args.dtype))
     import peft
 
@@ -301,7 +330,7 @@ def main() -> None:
     if torch.device(args.device).type == "cuda":
         machine = torch.cuda.get_device_name()
     print(f"# {machine}, {args.device} {args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"peft {peft.__version__}, lora_inject {lora_inject.__version__}")
+          f"peft {peft.__version__}, lora_inject {lora_inject.__version__}, {heap}")
     for name in args.sections:
         for line in SECTIONS[name](args.repeats):
             print(line, flush=True)
