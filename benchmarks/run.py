@@ -35,6 +35,11 @@ from common import (  # noqa: E402
 )
 
 
+def overhead_ratio(ours_vs_base: float, peft_vs_base: float) -> float:
+    """Our time above the base's, as a fraction of PEFT's time above it."""
+    return (ours_vs_base - 1) / max(1e-9, peft_vs_base - 1)
+
+
 def _train_step(model, ids, optimizer):
     def step():
         loss = model(input_ids=ids, labels=ids).loss
@@ -111,7 +116,7 @@ def bench_infer(hidden: int, batch: int, tokens: int, repeats: int) -> list[str]
     ratios = rotating_ratios({"ours": run(a), "peft": run(b), "base": run(base), "gemms": gemms}, "base", repeats)
     ours_vs_base, peft_vs_base = ratios["ours"], ratios["peft"]
     return [f"unmerged inference hidden {hidden}, {batch}x{tokens}: ours {ours_vs_base:.3f}x base, "
-            f"PEFT {peft_vs_base:.3f}x base (overhead ratio {(ours_vs_base - 1) / max(1e-9, peft_vs_base - 1):.2f}); "
+            f"PEFT {peft_vs_base:.3f}x base (overhead ratio {overhead_ratio(ours_vs_base, peft_vs_base):.2f}); "
             f"the adapter GEMMs alone {ratios['gemms']:.3f}x base, so at least {1 + ratios['gemms']:.3f}x"]
 
 
@@ -134,7 +139,7 @@ def bench_decode(repeats: int) -> list[str]:
 
     r = rotating_ratios({"ours": run(a), "peft": run(b), "base": run(base)}, "base", repeats)
     return [f"greedy decode, 32 tokens after 16, batch 1: ours {r['ours']:.3f}x base, PEFT {r['peft']:.3f}x base "
-            f"(overhead ratio {(r['ours'] - 1) / max(1e-9, r['peft'] - 1):.2f})"]
+            f"(overhead ratio {overhead_ratio(r['ours'], r['peft']):.2f})"]
 
 
 def bench_inject(repeats: int) -> list[str]:
@@ -238,7 +243,7 @@ def bench_conv(repeats: int) -> list[str]:
                         2 * repeats)
     t = rotating_ratios({"ours": train(a.train()), "peft": train(b.train())}, "peft", 2 * repeats)
     return [f"conv inference (4 x Conv2d 64ch, 8x32x32): ours {r['ours']:.3f}x base, PEFT {r['peft']:.3f}x base "
-            f"(overhead ratio {(r['ours'] - 1) / max(1e-9, r['peft'] - 1):.2f})",
+            f"(overhead ratio {overhead_ratio(r['ours'], r['peft']):.2f})",
             f"conv training step: ours / PEFT {t['ours']:.2f}"]
 
 
@@ -284,7 +289,7 @@ def bench_overhead(repeats: int) -> list[str]:
         r = rotating_ratios({"ours": make(models[0]), "peft": make(models[1]), "base": make(models[2])}, "base",
                             repeats * 2)
         lines.append(f"per-layer fixed cost, {label}: ours {r['ours']:.2f}x base, PEFT {r['peft']:.2f}x base "
-                     f"(overhead ratio {(r['ours'] - 1) / max(1e-9, r['peft'] - 1):.2f})")
+                     f"(overhead ratio {overhead_ratio(r['ours'], r['peft']):.2f})")
     torch.set_num_threads(threads)
     return lines
 

@@ -2,8 +2,8 @@
 
 Peak memory is about one row chunk of the largest tensor plus the adapter: the merged
 weight ``W + scale * B @ A`` is computed in float32 (float64 for float64 tensors) per chunk
-of rows and streamed to the output file. Values are bit-identical to loading the model in the same dtype,
-``merge_and_unload`` and ``save_pretrained``.
+of rows and streamed to the output file. Values are bit-identical to loading the model in the
+same dtype, ``merge_and_unload`` and ``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from safetensors import safe_open
 from .config import LoraConfig
 from .errors import AdapterFileError, ConfigError, MergeError, preview
 from .io import read_adapter_config, read_adapter_tensors
+from .layers.base import merge_dtype
 from .safetensors_stream import DTYPES, StreamWriter
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -217,8 +218,7 @@ def merged_tensor_rows(tensor_slice, edit: Edit | None, out_dtype: torch.dtype |
         else:
             base = (tensor_slice[i:j] if shape else tensor_slice[:]).to(dtype)
         if edit is not None and edit.kind is not None:
-            wide = torch.float64 in (dtype, edit.a.dtype, edit.b.dtype)
-            chunk = base.to(torch.float64 if wide else torch.float32)
+            chunk = base.to(merge_dtype(dtype, edit.a.dtype, edit.b.dtype))
             if full_slice is not None and chunk is base:  # a view of the replacement: never write into it
                 chunk = chunk.clone()
             base = edit.add_to_rows(chunk, i, j).to(dtype)

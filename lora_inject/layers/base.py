@@ -69,9 +69,8 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def _delta_dtype(self, name: str) -> torch.dtype:
-        """float32, or float64 where the base weight or the adapter is float64 (never narrower than either)."""
-        tensors = (self.base_weight, *self.adapter_parameters(name))
-        return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+        """:func:`merge_dtype` of the base weight and the adapter's factors."""
+        return merge_dtype(self.base_weight.dtype, *(p.dtype for p in self.adapter_parameters(name)))
 
     def _delta_from_factors(self, name: str) -> torch.Tensor:
         """``scale * delta`` in :meth:`_delta_dtype`, shaped like the base weight (a conv reshapes it further)."""
@@ -209,9 +208,8 @@ class LoraLayer(nn.Module):
     def merge(self, names: Iterable[str] | None = None, check_finite: bool = False) -> list[str]:
         """Fold adapters (default: the active ones) into the base weight. Already merged: skipped.
 
-        ``W += delta`` in place: the addition runs in delta's dtype (float32, float64 where W or the
-        adapter is) and rounds to W's dtype once, exactly ``(W.float() + delta).to(W.dtype)``
-        without the temporaries.
+        ``W += delta`` in place: the addition runs in delta's dtype (:func:`merge_dtype`) and rounds
+        to W's dtype once, exactly ``(W.to(delta.dtype) + delta).to(W.dtype)`` without the temporaries.
         """
         names = list(self.active_adapters if names is None else names)
         done = []
@@ -262,6 +260,12 @@ class LoraLayer(nn.Module):
 
 
 _GEMM_MERGE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def merge_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Where a merge computes ``W + scale * B @ A``: float32, or float64 if any of ``dtypes`` is
+    (never narrower than the weight or the adapter; PEFT merges float64 in float64 too)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
