@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .errors import DistributedError
 from .inject import _require_adapter, lora_state_dict
 from .io import adapter_tensors, checked_tensors_for_existing, write_adapter
 from .layers import LoraLayer, ModulesToSave
@@ -98,19 +99,46 @@ def gather_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = "default") -> Path | None:
     """Save ``adapter`` of a sharded or replicated model: gather to rank 0 and write there.
 
-    Every rank must call it (it gathers); only rank 0 writes. PEFT's ``save_pretrained``
-    fails on FSDP2 models; this writes the same files as :func:`lora_inject.save_adapter`.
+    Every rank must call it (it gathers); only rank 0 writes and gets the folder back,
+    other ranks get ``None``. No rank returns before the files are complete, so any rank
+    may read them next, and ranks leave together (a rank that tears down its process
+    group while rank 0 is still writing can abort the job at exit). If rank 0 fails to
+    write, every rank raises, instead of the others waiting for it. PEFT's
+    ``save_pretrained`` fails on FSDP2 models; this writes the same files as
+    :func:`lora_inject.save_adapter`.
     """
     module = model
     while hasattr(module, "module") and isinstance(module.module, nn.Module):  # DDP and FSDP1 wrap in .module
         module = module.module
     _require_adapter(module, adapter)
     state = gather_adapter_state(model)
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank != 0:
-        return None
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    return write_adapter(module, directory, adapter, adapter_tensors(module, adapter, full_state=state))
+    written, failure = None, None
+    if rank == 0:
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        try:
+            written = write_adapter(module, directory, adapter, adapter_tensors(module, adapter, full_state=state))
+        except Exception as error:
+            if not distributed:
+                raise
+            failure = error
+    if distributed:
+        _raise_if_rank0_failed(failure)
+    return written
+
+
+def _raise_if_rank0_failed(failure: Exception | None) -> None:
+    """Share rank 0's write outcome with every rank (this is also the barrier); raise where it failed."""
+    outcome = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+    dist.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure
+    if outcome[0] is not None:
+        raise DistributedError(
+            f"rank 0 could not write the adapter ({outcome[0]}); nothing was saved. "
+            "Fix the cause on rank 0 (path, permissions, disk space) and call save_adapter again on every rank."
+        )
 
 
 def load_adapter_weights(

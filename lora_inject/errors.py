@@ -50,7 +50,8 @@ class AdapterFileError(LoraInjectError, ValueError):
 
 
 class DistributedError(LoraInjectError, RuntimeError):
-    """The model is wrapped or sharded in a way that makes the operation unsafe."""
+    """The model is wrapped or sharded in a way that makes the operation unsafe, or a
+    collective step (such as saving from rank 0) failed on another rank."""
 
 
 def preview(items: Iterable[object], limit: int = 5) -> str:

@@ -245,6 +245,29 @@ def scenario_guards_on_sharded_model():
             raise AssertionError("a sharded model was merged/injected without an error")
 
 
+def scenario_save_failure_reaches_every_rank():
+    model = shard(fresh())
+    with tempfile.TemporaryDirectory() as tmp:
+        blocker = Path(tmp) / "a_file"
+        blocker.write_text("a file where rank 0 is told to make a folder")
+        try:
+            lid.save_adapter(model, blocker / "adapter")
+        except Exception as error:  # noqa: BLE001 - the type is the point of the check
+            raised = error
+        else:
+            raised = None
+        expected = NotADirectoryError if rank() == 0 else li.DistributedError
+        assert isinstance(raised, expected), f"rank {rank()} got {raised!r}, expected {expected.__name__}"
+        if rank() != 0:
+            assert "rank 0 could not write" in str(raised) and "NotADirectoryError" in str(raised), str(raised)
+        shared = [str(Path(tmp) / "adapter")]
+        dist.broadcast_object_list(shared, src=0)  # the ranks are still in step: the next save works
+        lid.save_adapter(model, shared[0])
+        for name in ("adapter_model.safetensors", "adapter_config.json"):  # complete when any rank returns
+            assert (Path(shared[0]) / name).is_file(), f"rank {rank()} returned before rank 0 wrote {name}"
+        dist.barrier()
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)

@@ -13,6 +13,7 @@ import pytest
 SCENARIOS = [
     "ddp", "ddp_checkpointing", "fsdp2_and_save", "fsdp2_checkpointing", "fsdp2_bf16_base",
     "fsdp2_load_adapter", "fsdp2_meta_init", "fsdp1_adapter_units", "broadcast_init", "guards_on_sharded_model",
+    "save_failure_reaches_every_rank",
 ]
 
 
