@@ -84,6 +84,23 @@ def main() -> None:
     if saved:
         print(f"adapter saved to {saved} ({li.trainable_parameters(model).trainable:,} trainable parameters)")
     dist.destroy_process_group()
+    if not cuda:
+        leave_without_teardown()
+
+
+def leave_without_teardown() -> None:
+    """Exit without Python's interpreter teardown (gloo only; everything is written by now).
+
+    With torch 2.13, gloo's worker threads outlive ``destroy_process_group`` and still hold
+    the last collective's tensors; one that releases them while the interpreter shuts down
+    aborts the process ("terminate called without an active exception", seen in about 1 run
+    in 40 here). See pytorch/pytorch#179291.
+    """
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
