@@ -93,8 +93,8 @@ def leave_without_teardown() -> None:
 
     With torch 2.13, gloo's worker threads outlive ``destroy_process_group`` and still hold
     the last collective's tensors; one that releases them while the interpreter shuts down
-    aborts the process ("terminate called without an active exception", seen in about 1 run
-    in 40 here). See pytorch/pytorch#179291.
+    aborts the process ("terminate called without an active exception", 5 of ~290 runs
+    here). See pytorch/pytorch#179291.
     """
     import sys
 
