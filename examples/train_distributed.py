@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -96,8 +97,6 @@ def leave_without_teardown() -> None:
     aborts the process ("terminate called without an active exception", 5 of ~290 runs
     here). See pytorch/pytorch#179291.
     """
-    import sys
-
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

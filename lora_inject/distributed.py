@@ -101,11 +101,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
 
     Every rank must call it (it gathers); only rank 0 writes and gets the folder back,
     other ranks get ``None``. No rank returns before the files are complete, so any rank
-    may read them next, and ranks leave together (a rank that tears down its process
-    group while rank 0 is still writing can abort the job at exit). If rank 0 fails to
-    write, every rank raises, instead of the others waiting for it. PEFT's
-    ``save_pretrained`` fails on FSDP2 models; this writes the same files as
-    :func:`lora_inject.save_adapter`.
+    may read them next. If rank 0 fails to write, every rank raises (the others a
+    :class:`DistributedError` naming rank 0's error) instead of waiting in their next
+    collective. PEFT's ``save_pretrained`` fails on FSDP2 models; this writes the same
+    files as :func:`lora_inject.save_adapter`.
     """
     module = model
     while hasattr(module, "module") and isinstance(module.module, nn.Module):  # DDP and FSDP1 wrap in .module
@@ -120,21 +119,19 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
         try:
             written = write_adapter(module, directory, adapter, adapter_tensors(module, adapter, full_state=state))
         except Exception as error:
-            if not distributed:
-                raise
             failure = error
     if distributed:
-        _raise_if_rank0_failed(failure)
+        _raise_on_other_ranks_if_rank0_failed(failure)
+    if failure is not None:
+        raise failure
     return written
 
 
-def _raise_if_rank0_failed(failure: Exception | None) -> None:
-    """Share rank 0's write outcome with every rank (this is also the barrier); raise where it failed."""
+def _raise_on_other_ranks_if_rank0_failed(failure: Exception | None) -> None:
+    """Share rank 0's write outcome with every rank (this is also the barrier); other ranks raise if it failed."""
     outcome = [None if failure is None else f"{type(failure).__name__}: {failure}"]
     dist.broadcast_object_list(outcome, src=0)
-    if failure is not None:
-        raise failure
-    if outcome[0] is not None:
+    if failure is None and outcome[0] is not None:
         raise DistributedError(
             f"rank 0 could not write the adapter ({outcome[0]}); nothing was saved. "
             "Fix the cause on rank 0 (path, permissions, disk space) and call save_adapter again on every rank."
