@@ -119,6 +119,52 @@ class LoraConfig:
         return dataclasses.replace(self, **changes)
 
 
+# PEFT's LoraConfig field -> ours; a PEFT name passed to LoraConfig/inject gets "did you mean" with this
+PEFT_FIELD_NAMES = {
+    "target_modules": "targets",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "use_rslora": "rslora",
+    "init_lora_weights": "init",
+    "exclude_modules": "exclude",
+    "layers_to_transform": "layers",
+}
+
+
+def unknown_field_message(names: Sequence[str]) -> str:
+    """'did you mean' for each unknown LoraConfig field: PEFT's name for ours, or a near spelling."""
+    import difflib
+
+    fields = list(LoraConfig.__dataclass_fields__)
+    hints = []
+    for name in names:
+        ours = PEFT_FIELD_NAMES.get(name) or next(iter(difflib.get_close_matches(name, fields, n=1, cutoff=0.6)), None)
+        if ours:
+            hints.append(f"{name!r} (did you mean {ours!r}?)")
+        else:
+            hints.append(f"{name!r}")
+    return (
+        f"LoraConfig has no field {', '.join(hints)}. Valid fields: {', '.join(fields)}. A peft.LoraConfig can be "
+        "passed as it is: lora_inject.inject(model, peft_config)."
+    )
+
+
+def _init_with_field_check(init):
+    import functools
+
+    @functools.wraps(init)
+    def checked(self, *args, **kwargs):
+        unknown = [k for k in kwargs if k not in LoraConfig.__dataclass_fields__]
+        if unknown:
+            raise ConfigError(unknown_field_message(unknown))
+        init(self, *args, **kwargs)
+
+    return checked
+
+
+LoraConfig.__init__ = _init_with_field_check(LoraConfig.__init__)
+
+
 def _check_rank(what: str, value: Any) -> None:
     if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
         raise ConfigError(f"{what} must be a positive int; got {value!r}.")

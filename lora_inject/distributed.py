@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import DistributedError
-from .inject import _require_adapter, lora_state_dict
+from .inject import _require_adapter, adapter_state
 from .io import adapter_tensors, checked_tensors_for_existing, write_adapter
 from .layers import LoraLayer, ModulesToSave
 from .layers.linear import Factor
@@ -150,7 +150,7 @@ def load_adapter_weights(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     tensors, _, _ = checked_tensors_for_existing(model, directory, adapter, strict)
-    by_disk_key = {disk_key(k, adapter): k for k in lora_state_dict(model, adapter)}
+    by_disk_key = {disk_key(k, adapter): k for k in adapter_state(model, adapter)}
     state = {by_disk_key[k]: v for k, v in tensors.items() if k in by_disk_key}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
     return model

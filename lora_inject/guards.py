@@ -1,10 +1,33 @@
-"""Refuse operations that silently train wrong under torch.distributed wrappers."""
+"""What model a public function is really given, and refusals for models it cannot handle.
+
+``torch.compile(model)`` and ``DistributedDataParallel(model)`` wrap the model the user
+injected; every public function works on the module inside, so keys never carry an
+``_orig_mod.`` or ``module.`` prefix. Sharded models (FSDP, DTensor parameters) hold only a
+slice of each weight per rank: functions that read or change whole weights refuse them
+with the call that works instead.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
 from .errors import DistributedError
+
+_SHARDED_ALTERNATIVE = (
+    "On a sharded model call lora_inject.distributed.save_adapter(model, folder) on every rank (it gathers the "
+    "shards to rank 0 and writes there), or lora_inject.distributed.gather_adapter_state(model) for the full tensors."
+)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The injected model inside ``torch.compile`` (``_orig_mod``) and DDP (``module``) wrappers."""
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif _wrapper_kind(model) == "DistributedDataParallel":
+            model = model.module
+        else:
+            return model
 
 
 def _wrapper_kind(module: nn.Module) -> str | None:
@@ -17,6 +40,10 @@ def _wrapper_kind(module: nn.Module) -> str | None:
         if name.startswith("deepspeed"):
             return "DeepSpeed"
     return None
+
+
+def _is_sharded(param: nn.Parameter) -> bool:
+    return type(param).__name__ == "DTensor" or type(getattr(param, "data", None)).__name__ == "DTensor"
 
 
 def check_not_distributed(model: nn.Module, action: str) -> None:
@@ -35,9 +62,25 @@ def check_not_distributed(model: nn.Module, action: str) -> None:
                 "plain model first, then wrap it (DDP(model) / fully_shard(...))."
             )
     for name, param in model.named_parameters():
-        if type(param).__name__ == "DTensor" or type(getattr(param, "data", None)).__name__ == "DTensor":
+        if _is_sharded(param):
             raise DistributedError(
                 f"Cannot {action}: parameter {name!r} is sharded (DTensor). Gather the full weights first "
                 "(torch.distributed.checkpoint.state_dict.get_model_state_dict(..., full_state_dict=True)) "
                 "into an unsharded model, or inject before sharding."
+            )
+
+
+def check_not_sharded(model: nn.Module, action: str) -> None:
+    """Raise if ``model`` is FSDP/DeepSpeed-wrapped or holds DTensor parameters: each rank has only a shard,
+    so reading whole adapter tensors from it would fail or write slices. DDP replicas are whole: allowed."""
+    for path, module in model.named_modules():
+        kind = _wrapper_kind(module)
+        if kind in ("FSDP", "DeepSpeed"):
+            where = f" at {path!r}" if path else ""
+            raise DistributedError(f"Cannot {action}: the model is sharded by {kind}{where}. {_SHARDED_ALTERNATIVE}")
+    for name, param in model.named_parameters():
+        if _is_sharded(param):
+            raise DistributedError(
+                f"Cannot {action}: parameter {name!r} is sharded (DTensor), so this rank holds only a slice of it. "
+                + _SHARDED_ALTERNATIVE
             )

@@ -10,9 +10,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .config import LoraConfig
-from .errors import AdapterNotFoundError, ConfigError
-from .guards import check_not_distributed
+from .config import LoraConfig, unknown_field_message
+from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError
+from .guards import check_not_distributed, check_not_sharded, unwrap
 from .layers import LoraLayer, ModulesToSave
 from .plan import Plan, resolve
 
@@ -31,19 +31,45 @@ def check_adapter_name(name: object) -> None:
         )
 
 
-def _config_from(model: nn.Module, config: LoraConfig | None, overrides: dict[str, Any]) -> LoraConfig:
+def _config_from(model: nn.Module, config: Any, overrides: dict[str, Any]) -> LoraConfig:
+    if type(config).__module__.startswith("peft") and type(config).__name__ == "LoraConfig":
+        from .peft_format import from_peft_config
+
+        config = from_peft_config(config)
     if config is not None and not isinstance(config, LoraConfig):
-        raise ConfigError(f"The second argument must be a LoraConfig; got {type(config).__name__}.")
-    try:
-        config = config.replace(**overrides) if config is not None else LoraConfig(**overrides)
-    except TypeError as exc:
-        raise ConfigError(f"{exc}. Valid fields: {', '.join(LoraConfig.__dataclass_fields__)}.") from None
+        raise ConfigError(
+            f"The second argument must be a lora_inject.LoraConfig or a peft.LoraConfig; got "
+            f"{type(config).__module__}.{type(config).__name__}."
+        )
+    unknown = [k for k in overrides if k not in LoraConfig.__dataclass_fields__]
+    if unknown:
+        raise ConfigError(unknown_field_message(unknown))
+    config = config.replace(**overrides) if config is not None else LoraConfig(**overrides)
     if config.base_model_name_or_path is None and getattr(model, "name_or_path", None):
         config = config.replace(base_model_name_or_path=str(model.name_or_path))
     return config
 
 
+def require_new_adapter(model: nn.Module, adapter: str) -> None:
+    """Refuse a second inject or load under a name the model already has.
+
+    Extending an adapter in place would leave one stored config describing layers injected with
+    another (rank, alpha, targets): the saved files would reload to other outputs, or not at all.
+    """
+    known = getattr(model, _STATE_ATTR, {})
+    if adapter in known:
+        layers = sorted(p for p, layer in lora_layers(model) if adapter in layer.r)
+        raise AdapterExistsError(
+            f"The model already has an adapter named {adapter!r} (on {len(layers)} layer(s), e.g. "
+            f"{layers[:2]}). One adapter has one config, so a second inject under the same name cannot be saved "
+            "and reloaded faithfully. Inject every target in one call (targets=[...] with rank_pattern/"
+            "alpha_pattern for per-module values), use another name (adapter='...'), or remove the old one "
+            "first with lora_inject.delete_adapter(model, name)."
+        )
+
+
 def _resolve(model: nn.Module, config: LoraConfig, adapter: str) -> Plan:
+    require_new_adapter(model, adapter)
     if config.targets is None:  # a preset: not every family member has every module
         from .presets import preset_targets
 
@@ -56,6 +82,7 @@ def plan(model: nn.Module, config: LoraConfig | None = None, *, adapter: str = "
 
     Changes nothing. ``print(plan(...))`` gives a table.
     """
+    model = unwrap(model)
     return _resolve(model, _config_from(model, config, overrides), adapter)
 
 
@@ -72,8 +99,10 @@ def inject(
     """
     check_not_distributed(model, "inject adapters")
     check_adapter_name(adapter)
-    config = _config_from(model, config, overrides)
-    return inject_resolved(model, _resolve(model, config, adapter), config, adapter)
+    inner = unwrap(model)
+    config = _config_from(inner, config, overrides)
+    inject_resolved(inner, _resolve(inner, config, adapter), config, adapter)
+    return model
 
 
 def inject_resolved(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str) -> nn.Module:
@@ -138,12 +167,12 @@ def _config_record(model: nn.Module) -> dict[str, LoraConfig]:
 
 def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
     """``{adapter name: LoraConfig}`` of every adapter injected into ``model``."""
-    return dict(getattr(model, _STATE_ATTR, {}))
+    return dict(getattr(unwrap(model), _STATE_ATTR, {}))
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """``(path, wrapper)`` for every LoRA wrapper in the model."""
-    for path, module in model.named_modules():
+    for path, module in unwrap(model).named_modules():
         if isinstance(module, LoraLayer):
             yield path, module
 
@@ -165,6 +194,7 @@ def _require_adapter(model: nn.Module, name: str) -> None:
 
 def set_adapter(model: nn.Module, names: str | Iterable[str]) -> None:
     """Make ``names`` the active adapter(s): they run in forward and their parameters train."""
+    model = unwrap(model)
     names = [names] if isinstance(names, str) else list(names)
     for name in names:
         _require_adapter(model, name)
@@ -181,7 +211,7 @@ def active_adapters(model: nn.Module) -> list[str]:
 @contextlib.contextmanager
 def disabled_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes as the base model (merged adapters are unmerged first)."""
-    modules = [m for _, m in _adapter_modules(model)]
+    modules = [m for _, m in _adapter_modules(unwrap(model))]
     merged = {id(m): list(m.merged_adapters) for m in modules if isinstance(m, LoraLayer)}
     for module in modules:
         if isinstance(module, LoraLayer):
@@ -198,6 +228,7 @@ def disabled_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` everywhere; wrappers left with no adapter are replaced by their base."""
+    model = unwrap(model)
     _require_adapter(model, name)
     for path, module in list(_adapter_modules(model)):
         if name in module.adapter_names:
@@ -215,6 +246,7 @@ def reset_adapters(model: nn.Module, adapter: str | None = None) -> None:
     ``model.to_empty(device=...)`` and loading the base weights, call this so the
     adapter starts from the proper init instead of uninitialised memory.
     """
+    model = unwrap(model)
     configs = getattr(model, _STATE_ATTR, {})
     names = [adapter] if adapter else list(configs)
     for name in names:
@@ -260,7 +292,15 @@ def lora_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, tor
 
     Includes LoRA factors, ``modules_to_save`` copies and, with ``bias="lora_only"``/``"all"``,
     the trained biases, so ``model.load_state_dict(sd, strict=False)`` restores the adapter.
+    A compiled or DDP-wrapped model gives the keys of the model inside; a sharded (FSDP) model
+    is refused: use :func:`lora_inject.distributed.gather_adapter_state` on every rank.
     """
+    check_not_sharded(model, "read the adapter's tensors")
+    return adapter_state(unwrap(model), adapter)
+
+
+def adapter_state(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """:func:`lora_state_dict` without the checks: on a sharded model the values are the local shards."""
     _require_adapter(model, adapter)
     config = getattr(model, _STATE_ATTR)[adapter]
     out: dict[str, torch.Tensor] = {}

@@ -21,15 +21,16 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import AdapterFileError, LoraInjectError, preview
-from .guards import check_not_distributed
+from .guards import check_not_distributed, check_not_sharded, unwrap
 from .inject import (
     _require_adapter,
     adapter_configs,
+    adapter_state,
     check_adapter_name,
     delete_adapter,
     inject_resolved,
     lora_layers,
-    lora_state_dict,
+    require_new_adapter,
 )
 from .layers import ModulesToSave
 from .peft_format import PEFT_PREFIX, disk_key, from_peft_dict, to_peft_dict
@@ -50,7 +51,7 @@ def adapter_tensors(
     e.g. tensors gathered from a sharded model.
     """
     out = {}
-    for key, tensor in lora_state_dict(model, adapter).items():
+    for key, tensor in adapter_state(model, adapter).items():
         if full_state is not None:
             if key not in full_state:
                 raise AdapterFileError(f"{key} is missing from the gathered state dict; was the adapter trainable?")
@@ -69,8 +70,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
 
     Only adapter tensors are written (plus ``modules_to_save`` and trained biases), never the
     base weights. An interrupted save leaves any previous adapter in the folder intact.
-    For sharded (FSDP2) models use :func:`lora_inject.distributed.save_adapter`.
+    A compiled (``torch.compile``) or DDP-wrapped model saves as the model inside it. For
+    sharded (FSDP2) models use :func:`lora_inject.distributed.save_adapter` on every rank.
     """
+    check_not_sharded(model, "save the adapter")
+    model = unwrap(model)
     _require_adapter(model, adapter)
     return write_adapter(model, directory, adapter, adapter_tensors(model, adapter))
 
@@ -278,6 +282,9 @@ def load_adapter(
     training); call ``model.requires_grad_(False)`` for inference.
     """
     check_adapter_name(adapter)
+    check_not_distributed(model, "load an adapter")
+    given, model = model, unwrap(model)
+    require_new_adapter(model, adapter)
     where = str(directory)
     config = read_adapter_config(directory)
     if config.init is False:  # a tensor missing from the file (strict=False) must mean "no change"
@@ -291,14 +298,13 @@ def load_adapter(
         raise type(exc)(f"{where}: the adapter's config does not fit this model. {exc}") from None
     required, optional = _expected(model, resolved, config)
     _check_tensors(model, tensors, required, optional, config, strict, where)
-    check_not_distributed(model, "load an adapter")
     inject_resolved(model, resolved, config, adapter)
     try:
         _copy_in(model, tensors, {**optional, **required}, adapter)
     except BaseException:
         delete_adapter(model, adapter)
         raise
-    return model
+    return given
 
 
 def _copy_in(model: nn.Module, tensors: dict, targets: dict, adapter: str) -> None:
@@ -323,10 +329,13 @@ def load_adapter_weights(
 
     For resuming training: the model keeps its wrappers and optimizer references stay valid.
     Checked first (keys, shapes) exactly as :func:`load_adapter`; nothing changes on error.
+    For sharded (FSDP2) models use :func:`lora_inject.distributed.load_adapter_weights`.
     """
+    check_not_sharded(model, "load adapter weights")
+    given, model = model, unwrap(model)
     tensors, required, optional = checked_tensors_for_existing(model, directory, adapter, strict)
     _copy_in(model, tensors, {**optional, **required}, adapter)
-    return model
+    return given
 
 
 def checked_tensors_for_existing(model: nn.Module, directory: str | os.PathLike, adapter: str, strict: bool):

@@ -199,36 +199,61 @@ def select(
     exclude: list[Target] = (),
     layers: Sequence[int] | None = None,
     layers_pattern: str | Sequence[str] | None = None,
-) -> tuple[list[tuple[str, nn.Module]], list[Target]]:
-    """The modules the targets pick, in model order, and the targets that picked nothing."""
+) -> tuple[list[tuple[str, nn.Module]], list[Target], list[Target]]:
+    """The modules the targets pick, in model order; the targets that picked nothing; the excludes
+    that matched no module at all.
+
+    An exclude entry given by name or type that matches a container (``"mlp"``, ``LlamaMLP``)
+    excludes every module under it; a regex exclude is full-matched against each path itself.
+    """
     wanted = set(layers) if layers is not None else None
-    chosen, hit = [], set()
+    chosen, hit, exclude_hit = [], set(), set()
+    excluded_containers: set[str] = set()
     for path, module in named_modules:
         if not path:
             continue
+        excluded_by = [t for t in exclude if t.matches(path, module)]
+        exclude_hit.update(excluded_by)
+        if any(not isinstance(t, RegexTarget) for t in excluded_by):
+            excluded_containers.add(path)
         matched = [t for t in targets if t.matches(path, module)]
         if not matched:
             continue
         hit.update(matched)
-        if any(t.matches(path, module) for t in exclude):
+        if excluded_by or _inside(path, excluded_containers):
             continue
         if wanted is not None and layer_index(path, layers_pattern) not in wanted:
             continue
         chosen.append((path, module))
-    return chosen, [t for t in targets if t not in hit]
+    return chosen, [t for t in targets if t not in hit], [t for t in exclude if t not in exclude_hit]
+
+
+def _inside(path: str, containers: set[str]) -> bool:
+    """Whether some ancestor of ``path`` (``a`` and ``a.b`` for ``a.b.c``) is in ``containers``."""
+    if not containers:
+        return False
+    parts = path.split(".")
+    return any(".".join(parts[:i]) in containers for i in range(1, len(parts)))
 
 
 def explain_misses(missed: list[Target], named_modules: Sequence[tuple[str, nn.Module]]) -> str:
-    """For each target that matched nothing, the closest module names and the types present."""
+    """For each target that matched nothing, the closest module names and the types present.
+
+    Closest: names that start with or contain the miss (``"q"`` -> ``q_proj``), then
+    spelling neighbours (``"q_prj"`` -> ``q_proj``), then whole paths.
+    """
     paths = [p for p, _ in named_modules if p]
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
     types = sorted({type(m).__name__ for _, m in named_modules})
     lines = []
     for target in missed:
         probe = str(target).removeprefix(REGEX_PREFIX)
-        close = difflib.get_close_matches(probe.rsplit(".", 1)[-1], leaves, n=5, cutoff=0.5)
+        leaf = probe.rsplit(".", 1)[-1]
+        close = [name for name in leaves if name.startswith(leaf)][:5]
+        close += [name for name in leaves if leaf in name and name not in close][: max(0, 5 - len(close))]
+        close += difflib.get_close_matches(leaf, leaves, n=5, cutoff=0.5)
         close += difflib.get_close_matches(probe, paths, n=3, cutoff=0.6)
-        hint = ", ".join(dict.fromkeys(close)) or "none"
+        hint = ", ".join(list(dict.fromkeys(close))[:8]) or "none"
         lines.append(f"  - {str(target)!r} matched nothing; closest names: {hint}")
     lines.append(f"  module types present: {', '.join(types)}")
     return "\n".join(lines)

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .guards import check_not_distributed
+from .guards import check_not_distributed, unwrap
 from .inject import _STATE_ATTR, _adapter_modules, _require_adapter, _set_submodule, lora_layers
 from .layers import LoraLayer
 
@@ -22,6 +22,7 @@ def merge(model: nn.Module, adapters: str | Iterable[str] | None = None, *, safe
     weight for NaN/inf before writing any.
     """
     check_not_distributed(model, "merge adapters")
+    model = unwrap(model)
     names = None if adapters is None else ([adapters] if isinstance(adapters, str) else list(adapters))
     for name in names or ():
         _require_adapter(model, name)
@@ -63,11 +64,14 @@ def _untie_shared_weights(model: nn.Module, layers: list[LoraLayer]) -> None:
 
 def unmerge(model: nn.Module) -> None:
     """Subtract every merged adapter from the base weights again."""
+    check_not_distributed(model, "unmerge adapters")
     for _, layer in lora_layers(model):
         layer.unmerge()
 
 
 def _unwrap(model: nn.Module, keep_merged: bool) -> nn.Module:
+    check_not_distributed(model, "take the adapters out")
+    model = unwrap(model)
     for path, module in list(_adapter_modules(model)):
         if isinstance(module, LoraLayer):
             if not keep_merged:
@@ -92,7 +96,6 @@ def merge_and_unload(model: nn.Module, adapters: str | Iterable[str] | None = No
     ``modules_to_save`` are replaced by the active adapter's trained copy. With ``safe=True``
     (the default) nothing is written if any merged weight would hold NaN/inf.
     """
-    check_not_distributed(model, "merge adapters")
     merge(model, adapters, safe=safe)
     return _unwrap(model, keep_merged=True)
 

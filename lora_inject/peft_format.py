@@ -6,12 +6,14 @@ On disk (PEFT's format) the adapter name is not part of a key:
 
 from __future__ import annotations
 
+import re
+import sys
 from typing import Any
 
 from torch import nn
 
 from .config import LoraConfig
-from .errors import AdapterFileError
+from .errors import AdapterFileError, ConfigError
 from .layers import LoraConv1D, LoraLayer
 from .matching import ALL_LINEAR, REGEX_PREFIX, NameTarget, select
 from .plan import logical_modules
@@ -51,12 +53,55 @@ def _peft_targets(model: nn.Module, adapter: str, config: LoraConfig) -> list[st
     names = sorted({p.rsplit(".", 1)[-1] for p in paths})
     exclude = [NameTarget(m) for m in config.modules_to_save or ()]
     layers = [config.layers] if isinstance(config.layers, int) else config.layers
-    chosen, _ = select(named, [NameTarget(n) for n in names], exclude, layers, config.layers_pattern)
+    chosen, _, _ = select(named, [NameTarget(n) for n in names], exclude, layers, config.layers_pattern)
     return names if sorted(p for p, _ in chosen) == paths else paths
 
 
 def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
+
+
+# PEFT's task types, each with the transformers auto mapping whose classes it wraps (first hit wins)
+_TASK_MAPPINGS = (
+    ("SEQ_2_SEQ_LM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+    ("CAUSAL_LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    ("SEQ_CLS", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+    ("TOKEN_CLS", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
+    ("QUESTION_ANS", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
+    ("FEATURE_EXTRACTION", "MODEL_MAPPING_NAMES"),
+)
+
+
+# PEFT's models for these tasks add their heads to modules_to_save and then require them in the file
+_TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",),
+}
+
+
+def infer_task_type(model: nn.Module, config: LoraConfig) -> str | None:
+    """PEFT's ``task_type`` for a transformers model, from the auto class its class belongs to
+    (``LlamaForCausalLM`` -> ``CAUSAL_LM``), so ``AutoPeftModelFor...`` can load the adapter.
+
+    None for other models, for classes no PEFT task covers (e.g. speech seq2seq), and for the
+    head tasks (SEQ_CLS, TOKEN_CLS, QUESTION_ANS) when the adapter does not save the head:
+    PEFT's model for those tasks would refuse to load it (the head's tensors are missing).
+    """
+    if "transformers" not in sys.modules or not hasattr(getattr(model, "config", None), "model_type"):
+        return None
+    from transformers.models.auto import modeling_auto
+
+    name = type(model).__name__
+    task = next(
+        (task for task, mapping in _TASK_MAPPINGS for value in getattr(modeling_auto, mapping, {}).values()
+         if name == value or (isinstance(value, (tuple, list)) and name in value)),
+        None,
+    )
+    if task in _TASK_HEADS:
+        saved = [NameTarget(m) for m in config.modules_to_save or ()]
+        heads = [p for p, m, _ in logical_modules(model) if p.rsplit(".", 1)[-1] in _TASK_HEADS[task]]
+        if not all(any(t.matches(p, None) for t in saved) for p in heads):
+            return None
+    return task
 
 
 def to_peft_dict(model: nn.Module, adapter: str, config: LoraConfig) -> dict[str, Any]:
@@ -68,7 +113,7 @@ def to_peft_dict(model: nn.Module, adapter: str, config: LoraConfig) -> dict[str
     layers = [config.layers] if isinstance(config.layers, int) else config.layers
     return {
         "peft_type": "LORA",
-        "task_type": config.task_type,
+        "task_type": config.task_type or infer_task_type(model, config),
         "base_model_name_or_path": config.base_model_name_or_path,
         "r": config.r,
         "lora_alpha": _number(config.alpha),
@@ -101,6 +146,65 @@ def _targets_from_peft(value: Any, field: str) -> Any:
     raise AdapterFileError(f"adapter_config.json: {field} must be a string or a list of strings; got {value!r}.")
 
 
+# peft.LoraConfig fields that carry nothing about the adapter's math (bookkeeping, or derived here)
+_PEFT_BOOKKEEPING = {
+    "peft_type", "auto_mapping", "peft_version", "revision", "inference_mode", "fan_in_fan_out", "megatron_core",
+    "qalora_group_size",  # only read with use_qalora, which is refused on its own
+}
+
+
+def from_peft_config(peft_config: Any) -> LoraConfig:
+    """A :class:`LoraConfig` from a ``peft.LoraConfig`` object, for ``inject(model, peft_config)``.
+
+    Every field lora_inject implements is converted; any other field set to a non-default value
+    is refused by name (training with it here would silently train something else).
+    """
+    data = {k: (sorted(v) if isinstance(v, (set, frozenset)) else v) for k, v in peft_config.to_dict().items()}
+    defaults = type(peft_config)().to_dict()
+    supported = set(_PEFT_TO_OURS) | _PEFT_BOOKKEEPING
+    odd = sorted(k for k, v in data.items() if k not in supported and v != defaults.get(k))
+    if odd:
+        raise ConfigError(
+            f"peft.LoraConfig sets {', '.join(f'{k}={data[k]!r}' for k in odd)}, which lora_inject does not "
+            "implement; training without it would give another adapter. Drop these fields, or use PEFT for this one."
+        )
+    init = data.get("init_lora_weights", True)
+    if init not in _INIT_VALUES:
+        raise ConfigError(
+            f"peft.LoraConfig init_lora_weights={init!r} is not implemented here; lora_inject initialises with "
+            f"{_INIT_VALUES} (True is PEFT's default)."
+        )
+    values = {ours: data.get(theirs) for theirs, ours in _PEFT_TO_OURS.items()}
+    values["task_type"] = getattr(values["task_type"], "value", values["task_type"])
+    values["targets"] = _targets_from_peft(values["targets"], "target_modules")
+    values["exclude"] = _exclude_from_peft(values["exclude"])
+    values["rank_pattern"] = values["rank_pattern"] or {}
+    values["alpha_pattern"] = values["alpha_pattern"] or {}
+    values["layers_pattern"] = values["layers_pattern"] or None
+    values["modules_to_save"] = values["modules_to_save"] or None
+    return LoraConfig(**values)
+
+
+_INIT_VALUES = (True, False, "gaussian")
+_PEFT_TO_OURS = {
+    "r": "r", "lora_alpha": "alpha", "target_modules": "targets", "exclude_modules": "exclude",
+    "layers_to_transform": "layers", "layers_pattern": "layers_pattern", "rank_pattern": "rank_pattern",
+    "alpha_pattern": "alpha_pattern", "use_rslora": "rslora", "lora_dropout": "dropout", "bias": "bias",
+    "modules_to_save": "modules_to_save", "init_lora_weights": "init",
+    "base_model_name_or_path": "base_model_name_or_path", "task_type": "task_type",
+}
+
+
+def _exclude_from_peft(value: Any) -> Any:
+    """PEFT excludes a listed name's own module only (path equal to it or ending in ``.name``), never the
+    modules under it; a plain name here would exclude a container's children too, so keep PEFT's rule
+    exactly as a regex per name."""
+    value = _targets_from_peft(value, "exclude_modules")
+    if isinstance(value, list):
+        return [rf"{REGEX_PREFIX}(?:.*\.)?{re.escape(name)}" for name in value]
+    return value
+
+
 def from_peft_dict(data: Any, source: str = "adapter_config.json") -> LoraConfig:
     """A :class:`LoraConfig` from PEFT's config fields; refuses what would load wrong."""
     if not isinstance(data, dict):
@@ -131,7 +235,7 @@ def from_peft_dict(data: Any, source: str = "adapter_config.json") -> LoraConfig
             r=data.get("r", 8),
             alpha=data.get("lora_alpha", 8),
             targets=targets,
-            exclude=_targets_from_peft(data.get("exclude_modules"), "exclude_modules"),
+            exclude=_exclude_from_peft(data.get("exclude_modules")),
             layers=data.get("layers_to_transform"),
             layers_pattern=data.get("layers_pattern") or None,
             rank_pattern=data.get("rank_pattern") or {},

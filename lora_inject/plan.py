@@ -131,9 +131,16 @@ def resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_mus
             "No targets given and no preset applies: pass targets=[...] (module names such as 'q_proj', "
             "'re:<regex>', an nn.Module type, or 'all-linear')."
         )
-    exclude = parse_targets(config.exclude) + [NameTarget(m) for m in config.modules_to_save or ()]
+    user_exclude = parse_targets(config.exclude)
+    exclude = user_exclude + [NameTarget(m) for m in config.modules_to_save or ()]
     layers = [config.layers] if isinstance(config.layers, int) else config.layers
-    chosen, missed = select(named, targets, exclude, layers, config.layers_pattern)
+    chosen, missed, unused_exclude = select(named, targets, exclude, layers, config.layers_pattern)
+    unused_exclude = [t for t in unused_exclude if t in user_exclude]
+    if unused_exclude and every_target_must_match:
+        raise TargetNotFoundError(
+            "Some exclude entries matched no module (a typo would exclude nothing; fix or drop these):\n"
+            + explain_misses(unused_exclude, named)
+        )
     if missed and chosen and every_target_must_match:
         raise TargetNotFoundError(
             "Some targets matched no module (the others did; fix or drop these):\n" + explain_misses(missed, named)

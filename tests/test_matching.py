@@ -36,7 +36,7 @@ PATHS = [
 
 
 def picked(targets, **kw):
-    chosen, missed = select(PATHS, parse_targets(targets), **kw)
+    chosen, missed, _ = select(PATHS, parse_targets(targets), **kw)
     return [p for p, _ in chosen], [str(t) for t in missed]
 
 
@@ -78,7 +78,7 @@ def test_regex_item_mixed_with_names_in_one_list():
 
 def test_all_linear_skips_output_head_and_non_linear():
     targets = [AllLinearTarget(frozenset({"lm_head"}))]
-    chosen, _ = select(PATHS, targets)
+    chosen, _, _ = select(PATHS, targets)
     names = [p for p, _ in chosen]
     assert "lm_head" not in names and "model.embed_tokens" not in names
     assert len(names) == 6

@@ -1,0 +1,256 @@
+"""Habits users bring from PEFT, transformers and torch: each one works or fails loudly, never silently wrong."""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+from conftest import randomize_adapters, tiny_llama
+from torch import nn
+
+import lora_inject as li
+
+
+def ids(n=2, length=7):
+    return torch.randint(0, 100, (n, length))
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+# ----- 1. a second inject under one name ----------------------------------------------------------------
+def test_second_inject_under_the_same_name_is_refused_and_changes_nothing():
+    model = tiny_llama()
+    li.inject(model, targets=["q_proj"], r=4, alpha=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(li.AdapterExistsError, match=r"already has an adapter named 'default'.*one call"):
+        li.inject(model, targets=["v_proj"], r=8, alpha=8)
+    with pytest.raises(li.AdapterExistsError):  # same rank, other alpha: the doubled-scale case
+        li.inject(model, targets=["v_proj"], r=4, alpha=16)
+    with pytest.raises(li.AdapterExistsError):
+        li.plan(model, targets=["v_proj"])
+    assert [p for p, _ in li.lora_layers(model)] == [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+    assert model.state_dict().keys() == before.keys()
+    li.inject(model, targets=["v_proj"], r=8, adapter="other")  # another name works
+
+
+def test_loading_under_an_existing_name_on_other_layers_is_refused(tmp_path):
+    source = tiny_llama()
+    li.inject(source, targets=["v_proj"])
+    li.save_adapter(source, tmp_path / "v")
+    model = tiny_llama()
+    li.inject(model, targets=["q_proj"])
+    with pytest.raises(li.AdapterExistsError, match="'default'"):
+        li.load_adapter(model, tmp_path / "v")
+    assert not any("v_proj" in p for p, _ in li.lora_layers(model))
+
+
+# ----- 3. compiled models -----------------------------------------------------------------------
+def test_compiled_model_saves_loads_and_lists_like_the_plain_one(tmp_path):
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    li.inject(model, targets=["q_proj", "v_proj"], r=4)
+    randomize_adapters(model)
+    compiled = torch.compile(model)
+    state = li.lora_state_dict(compiled)
+    assert state.keys() == li.lora_state_dict(model).keys() and not any("_orig_mod" in k for k in state)
+    li.save_adapter(compiled, tmp_path / "a")
+    keys = li.read_adapter_tensors(tmp_path / "a")
+    assert keys and not any("_orig_mod" in k for k in keys)
+    target = torch.compile(copy.deepcopy(base))
+    assert li.load_adapter(target, tmp_path / "a") is target
+    x = ids()
+    torch.testing.assert_close(logits(target._orig_mod, x), logits(model, x), atol=1e-6, rtol=1e-6)
+    assert li.active_adapters(target) == ["default"] and li.adapter_configs(target).keys() == {"default"}
+    li.load_adapter_weights(target, tmp_path / "a")
+    plain = li.merge_and_unload(target)
+    assert isinstance(plain, type(model)) and not list(li.lora_layers(plain))
+    torch.testing.assert_close(logits(plain, x), logits(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_inject_into_a_compiled_model_returns_it_and_adapts_the_model_inside():
+    compiled = torch.compile(tiny_llama())
+    assert li.inject(compiled, targets=["q_proj"]) is compiled
+    assert len(list(li.lora_layers(compiled._orig_mod))) == 2
+
+
+# ----- 4. casting after inject ----------------------------------------------------------------------
+@pytest.mark.parametrize("cast", ["to", "half", "bfloat16"])
+def test_casting_the_model_keeps_float32_adapters_that_train(cast):
+    model = tiny_llama()
+    li.inject(model, targets=["q_proj", "v_proj", "embed_tokens"], r=4)
+    randomize_adapters(model, std=0.02)
+    half = {"to": lambda m: m.to(torch.bfloat16), "half": nn.Module.half, "bfloat16": nn.Module.bfloat16}[cast]
+    half(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.base_layer.weight.dtype in (torch.bfloat16, torch.float16)
+    adapter = [p for n, p in model.named_parameters() if p.requires_grad]
+    assert adapter and all(p.dtype == torch.float32 for p in adapter)
+    start = [p.detach().clone() for p in adapter]
+    optimizer = torch.optim.AdamW(adapter, lr=1e-4)
+    x = ids()
+    model.train()
+    for _ in range(5):
+        loss = model(x, labels=x).loss.float()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for before, p in zip(start, adapter):
+        assert (p.detach() != before).all(), "an adapter entry never moved: the training signal was lost"
+
+
+def test_casting_moves_nothing_it_should_not():
+    model = tiny_llama()
+    li.inject(model, targets=["q_proj"], adapter_dtype=torch.bfloat16)  # half adapters asked for: kept
+    model.float()
+    assert model.model.layers[0].self_attn.q_proj.lora_A.default.weight.dtype == torch.float32
+    model.half()
+    assert model.model.layers[0].self_attn.q_proj.lora_A.default.weight.dtype == torch.float32
+    model.double()
+    assert model.model.layers[0].self_attn.q_proj.lora_A.default.weight.dtype == torch.float64
+    other = tiny_llama()
+    li.inject(other, targets=["q_proj"], adapter_dtype=torch.bfloat16)
+    other.half()  # created half on purpose: converted as asked
+    assert other.model.layers[0].self_attn.q_proj.lora_A.default.weight.dtype == torch.float16
+
+
+def test_casting_keeps_values_exact_and_moves_gradients():
+    model = tiny_llama()
+    li.inject(model, targets=["q_proj"])
+    randomize_adapters(model)
+    a = model.model.layers[0].self_attn.q_proj.lora_A.default.weight
+    a.grad = torch.randn_like(a)
+    before = a.detach().clone()
+    model.to(torch.bfloat16)
+    assert torch.equal(a.detach(), before) and a.grad.dtype == torch.float32
+
+
+# ----- 6. task type ------------------------------------------------------------------------------------
+def test_task_type_is_written_from_the_model_class(tmp_path):
+    import transformers as t
+    from conftest import tiny_bert
+
+    t5 = t.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=50)
+    cases = [(tiny_llama(), "CAUSAL_LM", None), (tiny_bert(), "SEQ_CLS", ["classifier"]),
+             (t.BertModel(tiny_bert().config), "FEATURE_EXTRACTION", None),
+             (t.BertForTokenClassification(tiny_bert().config), "TOKEN_CLS", ["classifier"]),
+             (t.BertForQuestionAnswering(tiny_bert().config), "QUESTION_ANS", ["qa_outputs"]),
+             (t.T5ForConditionalGeneration(t5), "SEQ_2_SEQ_LM", None),
+             (tiny_bert(), None, None)]  # a head task whose head the adapter does not save: PEFT could not load it
+    for i, (model, expected, heads) in enumerate(cases):
+        li.inject(model, targets="all-linear", modules_to_save=heads)
+        li.save_adapter(model, tmp_path / str(i))
+        assert li.read_adapter_config(tmp_path / str(i)).task_type == expected, type(model).__name__
+    plain = nn.Sequential(nn.Linear(4, 4))
+    li.inject(plain, targets=["0"])
+    li.save_adapter(plain, tmp_path / "plain")
+    assert li.read_adapter_config(tmp_path / "plain").task_type is None
+    model = tiny_llama()
+    li.inject(model, targets=["q_proj"], task_type="SEQ_CLS")  # the user's choice wins
+    li.save_adapter(model, tmp_path / "mine")
+    assert li.read_adapter_config(tmp_path / "mine").task_type == "SEQ_CLS"
+
+
+def test_auto_peft_model_loads_our_adapter(tmp_path):
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    import transformers as t
+
+    model = t.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    li.inject(model, targets=["q_proj", "v_proj"], r=4)
+    randomize_adapters(model)
+    li.save_adapter(model, tmp_path / "adapter")
+    loaded = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    x = ids()
+    torch.testing.assert_close(logits(loaded, x), logits(model, x), atol=1e-5, rtol=1e-5)
+
+
+# ----- 7. PEFT's vocabulary ----------------------------------------------------------------------------
+def test_a_peft_lora_config_is_accepted_and_means_the_same(tmp_path):
+    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                             use_rslora=True, rank_pattern={"v_proj": 2}, task_type="CAUSAL_LM")
+    base = tiny_llama()
+    ours = copy.deepcopy(base)
+    li.inject(ours, config)
+    randomize_adapters(ours)
+    theirs = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
+    missing = theirs.load_state_dict({"base_model.model." + k: v for k, v in li.lora_state_dict(ours).items()},
+                                     strict=False).unexpected_keys
+    assert not missing
+    x = ids()
+    torch.testing.assert_close(logits(ours, x), logits(theirs, x), atol=1e-6, rtol=1e-6)
+    layer = ours.model.layers[0].self_attn.v_proj
+    assert layer.r["default"] == 2 and layer.scaling["default"] == pytest.approx(12 / 2**0.5)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("use_dora", True), ("lora_bias", True), ("init_lora_weights", "pissa"), ("init_lora_weights", "olora"),
+    ("layer_replication", [[0, 1]]), ("trainable_token_indices", [1, 2]), ("target_parameters", ["w"]),
+])
+def test_a_peft_config_with_what_we_do_not_implement_is_refused_by_name(field, value):
+    config = peft.LoraConfig(target_modules=["q_proj"], **{field: value})
+    model = tiny_llama()
+    with pytest.raises(li.ConfigError, match=field):
+        li.inject(model, config)
+    assert not list(li.lora_layers(model))
+
+
+@pytest.mark.parametrize("peft_name, ours", [
+    ("target_modules", "targets"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout"), ("use_rslora", "rslora"),
+    ("init_lora_weights", "init"), ("exclude_modules", "exclude"), ("layers_to_transform", "layers"),
+])
+def test_peft_field_names_say_which_name_we_use(peft_name, ours):
+    with pytest.raises(li.ConfigError, match=rf"'{peft_name}' \(did you mean '{ours}'\?\)"):
+        li.inject(tiny_llama(), targets=["q_proj"], **{peft_name: 1})
+    with pytest.raises(li.ConfigError, match=rf"did you mean '{ours}'"):
+        li.LoraConfig(**{peft_name: 1})
+    with pytest.raises(li.ConfigError, match="did you mean 'alpha'"):
+        li.LoraConfig(alhpa=3)
+
+
+# ----- 9. exclude ---------------------------------------------------------------------------------
+def test_exclude_naming_a_container_excludes_what_is_under_it(tmp_path):
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    li.inject(model, targets=[nn.Linear], exclude=["mlp", "lm_head"])
+    paths = [p for p, _ in li.lora_layers(model)]
+    assert paths and all("self_attn" in p for p in paths) and len(paths) == 8
+    randomize_adapters(model)
+    li.save_adapter(model, tmp_path / "a")  # the file names the modules: exact in PEFT too
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a")
+    x = ids()
+    torch.testing.assert_close(logits(theirs, x), logits(model, x), atol=1e-6, rtol=1e-6)
+    wrapped = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == set(paths)
+    by_type = tiny_llama()
+    li.inject(by_type, targets=[nn.Linear], exclude=[type(by_type.model.layers[0].mlp), "lm_head"])
+    assert [p for p, _ in li.lora_layers(by_type)] == paths
+
+
+def test_an_exclude_that_matches_nothing_is_an_error_with_close_names():
+    model = tiny_llama()
+    with pytest.raises(li.TargetNotFoundError, match=r"'mpl' matched nothing; closest names: mlp"):
+        li.inject(model, targets=[nn.Linear], exclude=["mpl"])
+    assert not list(li.lora_layers(model))
+
+
+def test_peft_exclude_modules_keep_peft_meaning_when_loading(tmp_path):
+    config = peft.LoraConfig(target_modules=["up_proj", "q_proj"], exclude_modules=["mlp", "layers.1.self_attn.q_proj"])
+    theirs = peft.get_peft_model(tiny_llama(), config)  # PEFT excludes a listed module itself, not its children
+    theirs.save_pretrained(tmp_path / "p")
+    wrapped = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A")}
+    ours = li.load_adapter(tiny_llama(), tmp_path / "p")
+    assert {p for p, _ in li.lora_layers(ours)} == wrapped
+    assert "model.layers.1.self_attn.q_proj" not in wrapped and "model.layers.0.mlp.up_proj" in wrapped
+
+
+# ----- 10. near misses -------------------------------------------------------------------------------
+@pytest.mark.parametrize("miss, expected", [("q", "q_proj"), ("proj", "q_proj"), ("gate", "gate_proj"),
+                                            ("q_prj", "q_proj")])
+def test_short_or_misspelt_targets_suggest_the_names_that_exist(miss, expected):
+    with pytest.raises(li.TargetNotFoundError, match=rf"'{miss}' matched nothing; closest names: .*{expected}"):
+        li.inject(tiny_llama(), targets=[miss])
