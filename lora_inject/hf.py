@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from safetensors import safe_open
 from torch import nn
 
 from .errors import AdapterFileError, ConfigError
 from .hooks import track
-from .io import CONFIG_NAME, load_adapter, read_adapter_config
+from .hub import adapter_folder, looks_like_a_path, missing_path_error
+from .io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter_config
+from .peft_format import PEFT_PREFIX
 
 _TASK_CLASSES = {
     "CAUSAL_LM": "AutoModelForCausalLM",
@@ -29,10 +33,11 @@ def _is_adapter_folder(path: str | os.PathLike) -> bool:
     return (folder / CONFIG_NAME).is_file() and not (folder / "config.json").is_file()
 
 
-def _model_class(base: str, task_type: str | None) -> Any:
+def _model_class(base: str, task_type: str | None, hf_kwargs: dict) -> Any:
     if task_type in _TASK_CLASSES:
         return getattr(transformers, _TASK_CLASSES[task_type])
-    config = transformers.AutoConfig.from_pretrained(base)
+    hub = {k: hf_kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in hf_kwargs}
+    config = transformers.AutoConfig.from_pretrained(base, **hub)
     for name in getattr(config, "architectures", None) or ():
         if hasattr(transformers, name):
             return getattr(transformers, name)
@@ -45,31 +50,99 @@ def from_pretrained(
     *,
     model_class: Any = None,
     adapter_name: str = "default",
+    adapter_revision: str | None = None,
+    adapter_subfolder: str | None = None,
     **hf_kwargs: Any,
 ) -> nn.Module:
-    """Load a transformers model and, optionally, an adapter folder into it, in one call.
+    """Load a transformers model and, optionally, an adapter into it, in one call.
 
-    ``base`` is a model folder or hub id; if it is an adapter folder and ``adapter`` is None,
-    the base comes from the adapter's ``base_model_name_or_path``. The class comes from
-    ``model_class``, else the adapter's ``task_type``, else ``config.architectures``.
+    ``base`` and ``adapter`` are local folders or Hugging Face hub ids (read through the hub
+    cache; ``revision`` is the base's, ``adapter_revision``/``adapter_subfolder`` the adapter's;
+    ``cache_dir``, ``token`` and ``local_files_only`` serve both). If ``base`` is an adapter and
+    ``adapter`` is None, the base comes from the adapter's ``base_model_name_or_path``. The class
+    comes from ``model_class``, else the adapter's ``task_type``, else ``config.architectures``.
     ``hf_kwargs`` go to ``from_pretrained`` (``dtype=torch.bfloat16``, ``device_map``...).
-    Adapter weights are read and checked before the model is changed, and built once.
+    An adapter saved after ``resize_token_embeddings`` resizes the fresh model to its vocabulary
+    first. Adapter weights are read and checked before the model is changed, and built once.
     """
-    if adapter is None and _is_adapter_folder(base):
-        adapter = base
-        base = read_adapter_config(adapter).base_model_name_or_path
-        if not base:
-            raise AdapterFileError(
-                f"{adapter}: base_model_name_or_path is empty, so the base model is unknown. "
-                "Pass it: from_pretrained(BASE, ADAPTER)."
-            )
+    hub = {k: hf_kwargs[k] for k in ("cache_dir", "token", "local_files_only") if k in hf_kwargs}
+    hub.update(revision=adapter_revision, subfolder=adapter_subfolder)
+    if adapter is None:
+        adapter = _as_adapter(base, hub)
+        if adapter is not None:
+            base = read_adapter_config(adapter).base_model_name_or_path
+            if not base:
+                raise AdapterFileError(
+                    f"{adapter}: base_model_name_or_path is empty, so the base model is unknown. "
+                    "Pass it: from_pretrained(BASE, ADAPTER)."
+                )
+    else:
+        adapter = adapter_folder(adapter, **hub)
+    if not Path(os.fspath(base)).expanduser().exists() and looks_like_a_path(base):
+        raise missing_path_error("base model folder", base)
+    refuse_injected_checkpoint(base)
     task_type = read_adapter_config(adapter).task_type if adapter is not None else None
-    cls = model_class or _model_class(str(base), task_type)
+    cls = model_class or _model_class(str(base), task_type, hf_kwargs)
     model = cls.from_pretrained(base, **hf_kwargs)
     if adapter is not None:
+        _match_vocabulary(model, adapter)
         load_adapter(model, adapter, adapter=adapter_name)
         model.eval()
     return model
+
+
+def _as_adapter(name: str | os.PathLike, hub: dict) -> Path | None:
+    """``name``'s adapter folder if it is an adapter (a local one, or a hub repo holding adapter files)."""
+    if Path(os.fspath(name)).expanduser().exists():
+        return Path(name) if _is_adapter_folder(name) else None
+    if looks_like_a_path(name):
+        raise missing_path_error("model or adapter folder", name)
+    try:
+        folder = adapter_folder(name, **hub)
+    except AdapterFileError:  # not in the cache / not reachable: let transformers say what it finds
+        return None
+    return folder if (folder / CONFIG_NAME).is_file() else None
+
+
+def refuse_injected_checkpoint(base: str | os.PathLike) -> None:
+    """Refuse a local folder holding an *injected* model's full state dict (``base_layer.``/``lora_`` keys,
+    as ``accelerator.save_model`` or ``torch.save(model.state_dict())`` write): transformers would load it
+    with the adapted layers randomly initialised, only listing the missing keys."""
+    folder = Path(os.fspath(base)).expanduser()
+    keys: list[str] = []
+    if (folder / "model.safetensors.index.json").is_file():
+        keys = list(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"])
+    elif (folder / "model.safetensors").is_file():
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+            keys = list(handle.keys())
+    odd = [k for k in keys if ".base_layer." in k or ".lora_A." in k or ".lora_embedding_A." in k]
+    if odd:
+        raise AdapterFileError(
+            f"{str(base)!r} holds the full state dict of a model with LoRA wrappers ({odd[0]!r}, ...), not a base "
+            "model: transformers would load it with those layers randomly initialised. Load it into a model "
+            "injected the same way (accelerate.load_checkpoint_in_model(model, folder)), then save the adapter "
+            "with model.save_pretrained(folder) / lora_inject.save_adapter, or export a plain model with "
+            "lora_inject.merge_and_unload(model).save_pretrained(folder)."
+        )
+
+
+def _match_vocabulary(model: nn.Module, adapter: str | os.PathLike) -> None:
+    """Resize a freshly loaded model to the vocabulary of an adapter saved after resize_token_embeddings
+    (the file carries the input embedding's full weight; only its shape is read here)."""
+    embeddings = model.get_input_embeddings()
+    path = next((p for p, m in model.named_modules() if m is embeddings), None)
+    file = Path(adapter) / WEIGHTS_NAME
+    if path is None or not file.is_file():
+        return
+    with safe_open(str(file), framework="pt") as handle:
+        keys = set(handle.keys())
+        for suffix in (".weight", ".base_layer.weight"):
+            key = next((k for k in (path + suffix, PEFT_PREFIX + path + suffix) if k in keys), None)
+            if key is not None:
+                rows = handle.get_slice(key).get_shape()[0]
+                if rows != embeddings.weight.shape[0]:
+                    model.resize_token_embeddings(rows, mean_resizing=False)
+                return
 
 
 def _input_requires_grad_hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:

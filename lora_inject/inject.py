@@ -17,6 +17,13 @@ from .layers import LoraLayer, ModulesToSave
 from .plan import Plan, resolve
 
 _STATE_ATTR = "_lora_inject_configs"  # {adapter name: LoraConfig} kept on the model
+CARRIED_ATTR = "_lora_inject_carried"  # module paths whose full weight is saved with every adapter
+
+
+def carried_paths(model: nn.Module) -> set[str]:
+    """Module paths whose full base weight is saved with each adapter, as PEFT's ``save_embedding_layers``
+    does: embeddings resized after inject, and any base weight an adapter file brought in."""
+    return model.__dict__.setdefault(CARRIED_ATTR, set())
 
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -107,8 +114,11 @@ def inject(
 
 def inject_resolved(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str) -> nn.Module:
     """Apply a plan made by :func:`lora_inject.plan.resolve` for this model, config and adapter."""
+    from .hf_methods import install
+
     first_adapter = not getattr(model, _STATE_ATTR, None)
     touched = _apply(model, resolved, config, adapter)
+    install(model)
     model.requires_grad_(False)
     _config_record(model).update({adapter: config})
     if first_adapter:  # nothing else to deactivate: skip walking the whole model again
@@ -237,6 +247,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             base = module.base_layer if isinstance(module, LoraLayer) else module.original_module
             _set_submodule(model, path, base)
     del getattr(model, _STATE_ATTR)[name]
+    if not getattr(model, _STATE_ATTR):
+        from .hf_methods import uninstall
+
+        uninstall(model)
 
 
 def reset_adapters(model: nn.Module, adapter: str | None = None) -> None:

@@ -13,6 +13,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,17 +23,19 @@ from torch import nn
 from .config import LoraConfig
 from .errors import AdapterFileError, LoraInjectError, preview
 from .guards import check_not_distributed, check_not_sharded, unwrap
+from .hub import adapter_folder, missing_path_error
 from .inject import (
     _require_adapter,
     adapter_configs,
     adapter_state,
+    carried_paths,
     check_adapter_name,
     delete_adapter,
     inject_resolved,
     lora_layers,
     require_new_adapter,
 )
-from .layers import ModulesToSave
+from .layers import LoraLayer, ModulesToSave
 from .peft_format import PEFT_PREFIX, disk_key, from_peft_dict, to_peft_dict
 from .plan import Plan, PlannedLayer, logical_modules, resolve
 
@@ -62,6 +65,25 @@ def adapter_tensors(
                 "then reset_adapters) before saving."
             )
         out[PEFT_PREFIX + disk_key(key, adapter)] = tensor.detach().to("cpu").contiguous().clone()
+    for key, tensor in _carried_weights(model, full_state).items():
+        out.setdefault(PEFT_PREFIX + key, tensor.detach().to("cpu").contiguous().clone())
+    return out
+
+
+def _carried_weights(model: nn.Module, full_state: dict | None) -> dict[str, torch.Tensor]:
+    """Full base weights that travel with the adapter (a resized vocabulary, or weights an adapter file
+    brought in), under PEFT's keys: ``<path>.base_layer.weight`` for a wrapped layer, else ``<path>.weight``."""
+    out = {}
+    for path in sorted(carried_paths(model)):
+        module = model.get_submodule(path)
+        key = f"{path}.base_layer.weight" if isinstance(module, LoraLayer) else f"{path}.weight"
+        tensor = module.weight if full_state is None else full_state.get(key)
+        if tensor is None:
+            raise AdapterFileError(
+                f"{key} travels with this adapter (a resized vocabulary) but is missing from the gathered state "
+                "dict; gather frozen parameters too (ignore_frozen_params=False)."
+            )
+        out[key] = tensor
     return out
 
 
@@ -118,6 +140,8 @@ def _atomic_tmp(directory: Path, final_name: str, write: Callable[[str], object]
 def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
     """The :class:`LoraConfig` of an adapter folder (ours or PEFT's)."""
     path = Path(directory) / CONFIG_NAME
+    if not Path(directory).exists():
+        raise missing_path_error("adapter folder", directory)
     if not path.is_file():
         raise AdapterFileError(
             f"No {CONFIG_NAME} in {str(directory)!r}: expected a PEFT adapter folder "
@@ -188,12 +212,15 @@ def _expected(model: nn.Module, resolved: Plan, config: LoraConfig) -> tuple[dic
     """
     required: dict[str, tuple[tuple[int, ...], tuple]] = {}
     optional: dict[str, tuple[tuple[int, ...], tuple]] = {}
+    for path, module in _embedding_modules(model):
+        optional[f"{path}.weight"] = (tuple(module.weight.shape), ("carried", path, module.weight))
     for layer in resolved.layers:
         wrapper = resolved.wrappers[layer.path]
         for suffix, shape in wrapper.factor_shapes(layer.r).items():
             required[f"{layer.path}.{suffix}"] = (shape, ("factor", wrapper, suffix))
         base = wrapper.base_layer
-        optional[f"{layer.path}.base_layer.weight"] = (tuple(base.weight.shape), ("tensor", base.weight))
+        optional.pop(f"{layer.path}.weight", None)
+        optional[f"{layer.path}.base_layer.weight"] = (tuple(base.weight.shape), ("carried", layer.path, base.weight))
         if config.bias != "none" and isinstance(getattr(base, "bias", None), torch.Tensor):
             optional[f"{layer.path}.base_layer.bias"] = (tuple(base.bias.shape), ("tensor", base.bias))
     for path in resolved.modules_to_save:
@@ -207,6 +234,23 @@ def _expected(model: nn.Module, resolved: Plan, config: LoraConfig) -> tuple[dic
             if isinstance(bias, torch.Tensor) and wrapper is None and path not in resolved.wrappers:
                 optional[f"{path}.bias"] = (tuple(bias.shape), ("tensor", bias))
     return required, optional
+
+
+def _embedding_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` of the input and output embeddings (transformers models), seen without wrappers:
+    PEFT saves their full weights with an adapter when the vocabulary was resized."""
+    found = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            continue
+        if module is None:
+            continue
+        for path, logical, wrapper in logical_modules(model):
+            if (module is logical or module is wrapper) and isinstance(getattr(logical, "weight", None), torch.Tensor):
+                found.append((path, logical))
+    return found
 
 
 _LORA_SUFFIXES = (
@@ -244,7 +288,7 @@ def _check_tensors(
             "probably trained on another architecture; load it into the model it was made for."
         )
     if mismatched:
-        hint = _rank_hint(tensors, required, config)
+        hint = _vocabulary_hint(model, tensors, known) or _rank_hint(tensors, required, config)
         raise AdapterFileError(f"{where}: shape mismatch: {preview(mismatched, 3)}.{hint}")
     problems = []
     if missing:
@@ -260,6 +304,22 @@ def _check_tensors(
         warnings.warn(f"{where}: " + "; ".join(problems) + ".", stacklevel=3)
 
 
+def _vocabulary_hint(model: nn.Module, tensors: dict, known: dict) -> str:
+    """An input/output embedding weight whose row count differs: the adapter was saved after
+    resize_token_embeddings."""
+    vocabulary = {path for path, _ in _embedding_modules(model)}
+    for key, (shape, _) in known.items():
+        if _module_of(key) in vocabulary and key in tensors and tuple(tensors[key].shape[1:]) == tuple(shape[1:]):
+            rows = tensors[key].shape[0]
+            if rows != shape[0]:
+                return (
+                    f" {key} has {rows} rows, the model {shape[0]}: the adapter was saved from a model whose "
+                    f"vocabulary was resized. Call model.resize_token_embeddings({rows}) first (with the tokenizer "
+                    "saved next to the adapter); lora_inject.from_pretrained does this by itself."
+                )
+    return ""
+
+
 def _rank_hint(tensors: dict, required: dict, config: LoraConfig) -> str:
     for key, (shape, _) in required.items():
         if key.endswith(("lora_A.weight", "lora_embedding_A")) and key in tensors:
@@ -273,10 +333,19 @@ def _rank_hint(tensors: dict, required: dict, config: LoraConfig) -> str:
 
 
 def load_adapter(
-    model: nn.Module, directory: str | os.PathLike, adapter: str = "default", *, strict: bool = True
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter: str = "default",
+    *,
+    strict: bool = True,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    **hub_kwargs: Any,
 ) -> nn.Module:
     """Inject the adapter saved in ``directory`` (ours or PEFT's) into ``model`` and load its weights.
 
+    ``directory`` is a folder, or a Hugging Face hub id (``org/name``, with ``revision``,
+    ``subfolder`` and ``cache_dir``/``token``/``local_files_only``) read through the hub cache.
     Everything is read and checked first; on any error the model is left exactly as it was.
     The loaded adapter becomes the active one and its parameters require grad (to resume
     training); call ``model.requires_grad_(False)`` for inference.
@@ -285,6 +354,7 @@ def load_adapter(
     check_not_distributed(model, "load an adapter")
     given, model = model, unwrap(model)
     require_new_adapter(model, adapter)
+    directory = adapter_folder(directory, revision=revision, subfolder=subfolder, **hub_kwargs)
     where = str(directory)
     config = read_adapter_config(directory)
     if config.init is False:  # a tensor missing from the file (strict=False) must mean "no change"
@@ -317,6 +387,9 @@ def _copy_in(model: nn.Module, tensors: dict, targets: dict, adapter: str) -> No
                 param = target[1].factor(adapter, target[2])
             elif kind == "save":
                 param = model.get_submodule(target[1]).modules_to_save[adapter].state_dict(keep_vars=True)[target[2]]
+            elif kind == "carried":  # a full base weight in the file travels on when the adapter is saved again
+                carried_paths(model).add(target[1])
+                param = target[2]
             else:
                 param = target[1]
             param.data.copy_(tensors[key])

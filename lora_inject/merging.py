@@ -84,8 +84,10 @@ def _unwrap(model: nn.Module, keep_merged: bool) -> nn.Module:
         _set_submodule(model, path, replacement)
     if hasattr(model, _STATE_ATTR):
         object.__delattr__(model, _STATE_ATTR)
+    from .hf_methods import uninstall
     from .hooks import remove_hooks
 
+    uninstall(model)
     remove_hooks(model)
     return model
 

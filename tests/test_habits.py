@@ -254,3 +254,283 @@ def test_peft_exclude_modules_keep_peft_meaning_when_loading(tmp_path):
 def test_short_or_misspelt_targets_suggest_the_names_that_exist(miss, expected):
     with pytest.raises(li.TargetNotFoundError, match=rf"'{miss}' matched nothing; closest names: .*{expected}"):
         li.inject(tiny_llama(), targets=[miss])
+
+
+# ----- 2. save_pretrained & co on an injected model ------------------------------------------------------
+@pytest.fixture
+def llama_dir(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def _trained(llama_dir, **kw):
+    import transformers as t
+
+    model = t.AutoModelForCausalLM.from_pretrained(llama_dir)
+    li.inject(model, targets=["q_proj", "v_proj"], r=4, **kw)
+    randomize_adapters(model)
+    return model.eval()
+
+
+def _assert_adapter_folder(folder):
+    import os
+
+    files = set(os.listdir(folder))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files, files
+    assert not any(f.startswith(("model", "pytorch_model", "config.json")) for f in files), files
+
+
+def test_save_pretrained_writes_the_adapter_and_every_loader_restores_the_model(llama_dir, tmp_path):
+    import transformers as t
+
+    model = _trained(llama_dir)
+    model.save_pretrained(tmp_path / "saved")
+    _assert_adapter_folder(tmp_path / "saved")
+    x = ids()
+    expected = logits(model, x)
+    for loaded in (li.from_pretrained(tmp_path / "saved"),
+                   peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "saved"),
+                   t.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")):  # transformers' PEFT integration
+        torch.testing.assert_close(logits(loaded, x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_save_pretrained_with_several_adapters_follows_peft_layout(llama_dir, tmp_path):
+    model = _trained(llama_dir)
+    li.inject(model, targets=["k_proj"], adapter="second")
+    randomize_adapters(model, "second")
+    model.save_pretrained(tmp_path / "saved")
+    _assert_adapter_folder(tmp_path / "saved")
+    _assert_adapter_folder(tmp_path / "saved" / "second")
+    theirs = peft.PeftModel.from_pretrained(_fresh(llama_dir), tmp_path / "saved")
+    theirs.load_adapter(tmp_path / "saved" / "second", adapter_name="second")
+    theirs.set_adapter("second")
+    x = ids()
+    torch.testing.assert_close(logits(theirs, x), logits(model, x), atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path / "only", selected_adapters=["second"])
+    assert li.read_adapter_config(tmp_path / "only" / "second").targets == ["k_proj"]
+    model.save_pretrained(tmp_path / "nothing", is_main_process=False)
+    assert not (tmp_path / "nothing").exists()
+
+
+def _fresh(llama_dir):
+    import transformers as t
+
+    return t.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+
+
+def test_merge_and_unload_gives_back_transformers_save_pretrained(llama_dir, tmp_path):
+    import transformers as t
+
+    model = _trained(llama_dir)
+    x = ids()
+    expected = logits(model, x)
+    plain = li.merge_and_unload(model)
+    assert "save_pretrained" not in plain.__dict__
+    plain.save_pretrained(tmp_path / "full")
+    assert (tmp_path / "full" / "config.json").is_file()
+    torch.testing.assert_close(logits(t.AutoModelForCausalLM.from_pretrained(tmp_path / "full"), x), expected,
+                               atol=1e-5, rtol=1e-5)
+    other = _trained(llama_dir)
+    li.delete_adapter(other, "default")  # the last adapter gone: the class's method again
+    assert "save_pretrained" not in other.__dict__
+
+
+def test_push_to_hub_uploads_the_adapter_files(llama_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import transformers as t
+    import transformers.utils.hub as hub
+
+    uploaded = tmp_path / "uploaded"
+
+    class Repo:
+        repo_id = "me/adapter"
+
+    class Api:
+        def create_repo(self, *args, **kwargs):
+            return Repo()
+
+    class Card:
+        def save(self, path):
+            open(path, "w").write("card")
+
+    def upload(self, folder, repo_id, **kwargs):
+        shutil.copytree(folder, uploaded)
+        return repo_id
+
+    monkeypatch.setattr(hub, "hf_api", lambda: Api())
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *a, **k: Card())
+    monkeypatch.setattr(t.PreTrainedModel, "_upload_modified_files", upload)
+    model = _trained(llama_dir)
+    assert model.push_to_hub("me/adapter") == "me/adapter"
+    _assert_adapter_folder(uploaded)
+    x = ids()
+    torch.testing.assert_close(logits(li.from_pretrained(llama_dir, uploaded), x), logits(model, x),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_trainer_save_model_writes_the_adapter(llama_dir, tmp_path):
+    import transformers as t
+
+    model = _trained(llama_dir)
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 100, (8, 8))]
+    args = t.TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=2,
+                               learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="steps", save_steps=2,
+                               logging_strategy="no")
+    trainer = t.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    _assert_adapter_folder(tmp_path / "run" / "checkpoint-2")  # checkpoints too: kilobytes, not the model
+    trainer.save_model(tmp_path / "final")
+    _assert_adapter_folder(tmp_path / "final")
+    x = ids()
+    torch.testing.assert_close(logits(li.from_pretrained(tmp_path / "final"), x), logits(model.eval(), x),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_accelerator_save_model_reloads_into_an_injected_model_and_is_refused_as_a_base(llama_dir, tmp_path):
+    import accelerate
+
+    model = _trained(llama_dir)
+    accelerate.Accelerator(cpu=True).save_model(model, tmp_path / "acc")
+    again = _fresh(llama_dir)
+    li.inject(again, targets=["q_proj", "v_proj"], r=4)
+    accelerate.load_checkpoint_in_model(again, str(tmp_path / "acc"))
+    x = ids()
+    torch.testing.assert_close(logits(again, x), logits(model, x), atol=1e-6, rtol=1e-6)
+    model.config.save_pretrained(tmp_path / "acc")  # now it looks like a transformers folder
+    with pytest.raises(li.AdapterFileError, match="LoRA wrappers.*randomly initialised"):
+        li.from_pretrained(tmp_path / "acc")
+
+
+# ----- 5. resize_token_embeddings after inject -------------------------------------------------------
+RESIZE_CASES = {
+    "lora_elsewhere": ("llama", dict(targets=["q_proj", "v_proj"])),
+    "lora_on_embedding_and_head": ("llama", dict(targets=["q_proj", "embed_tokens", "lm_head"])),
+    "new_rows_trained": ("llama", dict(targets=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])),
+    "tied_gpt2_lora_on_wte": ("gpt2", dict(targets=["c_attn", "wte"])),
+    "tied_gpt2_wte_trained": ("gpt2", dict(targets=["c_attn"], modules_to_save=["wte"])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESIZE_CASES))
+def test_resize_token_embeddings_after_inject_trains_saves_and_reloads(case, tmp_path):
+    from conftest import tiny_gpt2
+
+    family, kw = RESIZE_CASES[case]
+    base = tiny_gpt2() if family == "gpt2" else tiny_llama()
+    model = copy.deepcopy(base)
+    li.inject(model, **kw)
+    randomize_adapters(model)
+    x = ids()
+    before = logits(model, x)
+    model.resize_token_embeddings(110)
+    assert model.config.vocab_size == 110 and model.get_input_embeddings().weight.shape[0] == 110
+    torch.testing.assert_close(logits(model, x)[..., :100], before, atol=1e-6, rtol=1e-6)  # old tokens unchanged
+    new_ids = torch.randint(100, 110, (2, 7))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in trainable]
+    optimizer = torch.optim.SGD(trainable, lr=0.1)
+    model.train()
+    for _ in range(2):
+        model(new_ids, labels=new_ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    assert any(not torch.equal(a, p) for a, p in zip(start, trainable))
+    if "modules_to_save" in kw:  # the documented way to train the new rows themselves
+        copy_ = model.get_input_embeddings().modules_to_save["default"]
+        assert not torch.equal(copy_.weight[100:], model.get_input_embeddings().original_module.weight[100:])
+    model.save_pretrained(tmp_path / "a")
+    x2 = torch.randint(0, 110, (2, 7))
+    expected = logits(model, x2)
+    ours = copy.deepcopy(base)
+    ours.resize_token_embeddings(110)
+    torch.testing.assert_close(logits(li.load_adapter(ours, tmp_path / "a"), x2), expected, atol=1e-5, rtol=1e-5)
+    theirs = copy.deepcopy(base)
+    theirs.resize_token_embeddings(110)
+    theirs = peft.PeftModel.from_pretrained(theirs, tmp_path / "a")
+    torch.testing.assert_close(logits(theirs, x2), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(li.AdapterFileError, match=r"resize_token_embeddings\(110\)"):
+        li.load_adapter(copy.deepcopy(base), tmp_path / "a")  # a fresh base: told to resize, nothing changed
+
+
+def test_from_pretrained_resizes_to_the_adapters_vocabulary(llama_dir, tmp_path):
+    model = _trained(llama_dir)
+    model.resize_token_embeddings(120)
+    model.save_pretrained(tmp_path / "a")
+    x = torch.randint(0, 120, (2, 7))
+    loaded = li.from_pretrained(tmp_path / "a")
+    assert loaded.config.vocab_size == 120
+    torch.testing.assert_close(logits(loaded, x), logits(model, x), atol=1e-5, rtol=1e-5)
+    again = li.load_adapter(loaded, tmp_path / "a", adapter="again")  # and re-export keeps the carried rows
+    li.save_adapter(again, tmp_path / "b", adapter="again")
+    assert li.read_adapter_tensors(tmp_path / "b").keys() == li.read_adapter_tensors(tmp_path / "a").keys()
+
+
+def test_a_failing_resize_leaves_the_model_exactly_as_it_was(monkeypatch):
+    model = tiny_llama()
+    li.inject(model, targets=["q_proj", "embed_tokens", "lm_head"])
+    randomize_adapters(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def broken(self):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(li.LoraLinear, "follow_base_resize", broken)  # after the embedding was resized
+    with pytest.raises(RuntimeError, match="out of memory"):
+        model.resize_token_embeddings(130)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert model.config.vocab_size == 100 and isinstance(model.lm_head, li.LoraLinear)
+    assert model.model.embed_tokens.in_features == 100 and model.model.embed_tokens.base_layer.num_embeddings == 100
+    assert model.lm_head.out_features == 100 and model.lm_head.base_layer.out_features == 100
+    logits(model, ids())
+
+
+# ----- 8. paths and hub ids ------------------------------------------------------------------------
+def test_missing_local_paths_say_they_do_not_exist(llama_dir, tmp_path):
+    missing = tmp_path / "nope"
+    for call in (lambda: li.from_pretrained(missing), lambda: li.from_pretrained(llama_dir, missing),
+                 lambda: li.from_pretrained(str(missing)), lambda: li.from_pretrained("./not/here/adapter"),
+                 lambda: li.load_adapter(tiny_llama(), missing), lambda: li.read_adapter_config(missing)):
+        with pytest.raises(li.AdapterFileError, match="does not exist"):
+            call()
+
+
+def _hub_cache(cache, repo_id, files, commit="0123456789abcdef0123456789abcdef01234567"):
+    """A hub cache laid out as huggingface_hub lays it out: blobs, a snapshot of links, refs/main."""
+    import hashlib
+    import os
+    import shutil
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    for sub in ("blobs", f"snapshots/{commit}", "refs"):
+        (repo / sub).mkdir(parents=True, exist_ok=True)
+    for source in files:
+        data = source.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        shutil.copyfile(source, blob)
+        os.symlink(os.path.relpath(blob, repo / "snapshots" / commit), repo / "snapshots" / commit / source.name)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_hub_ids_for_base_and_adapter_read_the_cache_offline(llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = _trained(llama_dir)
+    model.save_pretrained(tmp_path / "adapter")
+    cache = tmp_path / "cache"
+    _hub_cache(cache, "me/tiny-llama", sorted(llama_dir.iterdir()))
+    config = (tmp_path / "adapter" / "adapter_config.json")
+    config.write_text(config.read_text().replace(str(llama_dir), "me/tiny-llama"))
+    _hub_cache(cache, "me/tiny-adapter", sorted((tmp_path / "adapter").iterdir()))
+    x = ids()
+    expected = logits(model, x)
+    kw = dict(cache_dir=str(cache), local_files_only=True)
+    for loaded in (li.from_pretrained("me/tiny-adapter", **kw),  # base from the adapter's config, also a hub id
+                   li.from_pretrained("me/tiny-llama", "me/tiny-adapter", **kw),
+                   li.load_adapter(_fresh(llama_dir), "me/tiny-adapter", **kw)):
+        torch.testing.assert_close(logits(loaded, x), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(li.AdapterFileError, match="could not be read as a Hugging Face hub repo id"):
+        li.load_adapter(_fresh(llama_dir), "me/not-cached", **kw)
+    with pytest.raises(li.AdapterFileError, match="revision"):
+        li.load_adapter(_fresh(llama_dir), "me/tiny-adapter", revision="v2", **kw)

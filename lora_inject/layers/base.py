@@ -81,6 +81,11 @@ class LoraLayer(nn.Module):
         """``{key suffix as stored on disk: shape}`` of one adapter's factors at rank ``r``."""
         raise NotImplementedError
 
+    def follow_base_resize(self) -> None:
+        """The base layer changed size in place (``resize_token_embeddings``): resize every adapter's
+        factors to match, keeping the existing entries and zeroing new ones (so new rows start as the base)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot follow a resized base layer.")
+
     # ----- adapters ---------------------------------------------------------------------------
     def factor(self, name: str, suffix: str) -> torch.Tensor:
         """The parameter stored on disk under ``<path>.<suffix>`` (e.g. ``lora_A.weight``) for adapter ``name``."""
@@ -296,6 +301,17 @@ def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     if base_dtype in (torch.float16, torch.bfloat16) or not base_dtype.is_floating_point:
         return torch.float32
     return base_dtype
+
+
+def resize_parameter(param: nn.Parameter, shape: tuple[int, ...]) -> None:
+    """Give ``param`` (in place: optimizer and module references stay valid) a new ``shape``, keeping the
+    overlapping block and zero elsewhere."""
+    if tuple(param.shape) == tuple(shape):
+        return
+    new = param.detach().new_zeros(shape)
+    overlap = tuple(slice(0, min(a, b)) for a, b in zip(param.shape, shape))
+    new[overlap] = param.detach()[overlap]
+    param.data = new
 
 
 def _params_of(item: nn.Module | nn.Parameter) -> Iterable[nn.Parameter]:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModuleError
-from .base import LoraLayer
+from .base import LoraLayer, resize_parameter
 
 
 class LoraEmbedding(LoraLayer):
@@ -34,6 +34,12 @@ class LoraEmbedding(LoraLayer):
 
     def factor_shapes(self, r: int) -> dict[str, tuple[int, ...]]:
         return {"lora_embedding_A": (r, self.in_features), "lora_embedding_B": (self.out_features, r)}
+
+    def follow_base_resize(self) -> None:
+        self.in_features, self.out_features = self.base_layer.num_embeddings, self.base_layer.embedding_dim
+        for name, r in self.r.items():
+            resize_parameter(self.lora_embedding_A[name], (r, self.in_features))  # new tokens' columns: zero
+            resize_parameter(self.lora_embedding_B[name], (self.out_features, r))
 
     def _create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
         kw = {"dtype": dtype, "device": device}

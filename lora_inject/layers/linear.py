@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.compiler import is_compiling
 
-from .base import LoraLayer
+from .base import LoraLayer, resize_parameter
 from .dropout import dropped_projection
 from .fused import DIRECT_TYPES, allow_direct, autocast_enabled, frozen_lora_linear, hooks_on, lora_linear
 
@@ -37,6 +37,16 @@ class LoraLinear(LoraLayer):
     def _create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
         self.lora_A[name] = Factor(self.in_features, r, dtype, device)
         self.lora_B[name] = Factor(r, self.out_features, dtype, device)
+
+    def follow_base_resize(self) -> None:
+        in_features, out_features = self._io_features()
+        for name, r in self.r.items():
+            resize_parameter(self.lora_A[name].weight, (r, in_features))  # (r, in)
+            resize_parameter(self.lora_B[name].weight, (out_features, r))  # (out, r)
+            self.lora_A[name].__dict__["in_features"] = in_features
+            self.lora_B[name].__dict__["out_features"] = out_features
+        self.__dict__.update(in_features=in_features, out_features=out_features)
+        self.__dict__.pop("_frozen", None)
 
     def _init_factors(self, name: str, init: bool | str) -> None:
         init_a_zero_b(self.lora_A[name].weight, self.lora_B[name].weight, self.r[name], init)

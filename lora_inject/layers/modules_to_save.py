@@ -24,6 +24,13 @@ class ModulesToSave(nn.Module):
         self.adapters_disabled = False
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The running module's weight (the active copy, else the original), for code written for the plain
+        module (``get_input_embeddings().weight``), as PEFT's wrapper gives it."""
+        running = self.active_adapter is not None and not self.adapters_disabled
+        return (self.modules_to_save[self.active_adapter] if running else self.original_module).weight
+
+    @property
     def adapter_names(self) -> list[str]:
         return list(self.modules_to_save)
 
@@ -48,6 +55,23 @@ class ModulesToSave(nn.Module):
         self.active_adapter = names[0] if names else None
         for name, module in self.modules_to_save.items():
             module.requires_grad_(name == self.active_adapter)
+
+    def follow_base_resize(self) -> None:
+        """``original_module`` was resized in place (``resize_token_embeddings``): each trained copy keeps its
+        own rows and takes the new rows from the resized original (as transformers initialised them)."""
+        original = self.original_module
+        for module in self.modules_to_save.values():
+            for name, source in original.named_parameters(recurse=False):
+                mine = getattr(module, name)
+                if mine.shape == source.shape:
+                    continue
+                new = source.detach().clone()
+                overlap = tuple(slice(0, min(a, b)) for a, b in zip(mine.shape, source.shape))
+                new[overlap] = mine.detach()[overlap]
+                mine.data = new.to(mine.dtype)
+            for attr in ("num_embeddings", "out_features", "padding_idx"):
+                if hasattr(original, attr):
+                    setattr(module, attr, getattr(original, attr))
 
     def set_disabled(self, disabled: bool) -> None:
         self.adapters_disabled = disabled
