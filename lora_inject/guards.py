@@ -13,9 +13,13 @@ from torch import nn
 
 from .errors import DistributedError
 
-_SHARDED_ALTERNATIVE = (
+SHARDED_SAVE = (
     "On a sharded model call lora_inject.distributed.save_adapter(model, folder) on every rank (it gathers the "
     "shards to rank 0 and writes there), or lora_inject.distributed.gather_adapter_state(model) for the full tensors."
+)
+SHARDED_LOAD = (
+    "On a sharded model call lora_inject.distributed.load_adapter_weights(model, folder) on every rank (each rank "
+    "takes its shards)."
 )
 
 
@@ -70,17 +74,17 @@ def check_not_distributed(model: nn.Module, action: str) -> None:
             )
 
 
-def check_not_sharded(model: nn.Module, action: str) -> None:
+def check_not_sharded(model: nn.Module, action: str, alternative: str = SHARDED_SAVE) -> None:
     """Raise if ``model`` is FSDP/DeepSpeed-wrapped or holds DTensor parameters: each rank has only a shard,
     so reading whole adapter tensors from it would fail or write slices. DDP replicas are whole: allowed."""
     for path, module in model.named_modules():
         kind = _wrapper_kind(module)
         if kind in ("FSDP", "DeepSpeed"):
             where = f" at {path!r}" if path else ""
-            raise DistributedError(f"Cannot {action}: the model is sharded by {kind}{where}. {_SHARDED_ALTERNATIVE}")
+            raise DistributedError(f"Cannot {action}: the model is sharded by {kind}{where}. {alternative}")
     for name, param in model.named_parameters():
         if _is_sharded(param):
             raise DistributedError(
                 f"Cannot {action}: parameter {name!r} is sharded (DTensor), so this rank holds only a slice of it. "
-                + _SHARDED_ALTERNATIVE
+                + alternative
             )

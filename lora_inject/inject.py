@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import LoraConfig, unknown_field_message
 from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError
-from .guards import check_not_distributed, check_not_sharded, unwrap
+from .guards import check_not_distributed, unwrap
 from .layers import LoraLayer, ModulesToSave
 from .plan import Plan, resolve
 
@@ -306,15 +306,15 @@ def lora_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, tor
 
     Includes LoRA factors, ``modules_to_save`` copies and, with ``bias="lora_only"``/``"all"``,
     the trained biases, so ``model.load_state_dict(sd, strict=False)`` restores the adapter.
-    A compiled or DDP-wrapped model gives the keys of the model inside; a sharded (FSDP) model
-    is refused: use :func:`lora_inject.distributed.gather_adapter_state` on every rank.
+    A compiled or DDP-wrapped model gives the keys of the model inside. On a sharded (FSDP2)
+    model the values are DTensors (``.full_tensor()`` gathers one; for files use
+    :func:`lora_inject.distributed.save_adapter`).
     """
-    check_not_sharded(model, "read the adapter's tensors")
     return adapter_state(unwrap(model), adapter)
 
 
 def adapter_state(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
-    """:func:`lora_state_dict` without the checks: on a sharded model the values are the local shards."""
+    """:func:`lora_state_dict` of a model that is not wrapped."""
     _require_adapter(model, adapter)
     config = getattr(model, _STATE_ATTR)[adapter]
     out: dict[str, torch.Tensor] = {}

@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import AdapterFileError, LoraInjectError, preview
-from .guards import check_not_distributed, check_not_sharded, unwrap
+from .guards import SHARDED_LOAD, check_not_distributed, check_not_sharded, unwrap
 from .hub import adapter_folder, missing_path_error
 from .inject import (
     _require_adapter,
@@ -404,7 +404,7 @@ def load_adapter_weights(
     Checked first (keys, shapes) exactly as :func:`load_adapter`; nothing changes on error.
     For sharded (FSDP2) models use :func:`lora_inject.distributed.load_adapter_weights`.
     """
-    check_not_sharded(model, "load adapter weights")
+    check_not_sharded(model, "load adapter weights", SHARDED_LOAD)
     given, model = model, unwrap(model)
     tensors, required, optional = checked_tensors_for_existing(model, directory, adapter, strict)
     _copy_in(model, tensors, {**optional, **required}, adapter)

@@ -236,13 +236,27 @@ def scenario_broadcast_init():
 
 def scenario_guards_on_sharded_model():
     model = shard(fresh())
-    for call in (li.merge_and_unload, li.merge, lambda m: li.inject(m, targets=["q_proj"], adapter="x")):
+    for call in (li.merge_and_unload, li.merge, li.unmerge, li.unload,
+                 lambda m: li.inject(m, targets=["q_proj"], adapter="x")):
         try:
             call(model)
         except li.DistributedError as exc:
             assert "FSDP" in str(exc) or "sharded" in str(exc), str(exc)
         else:
             raise AssertionError("a sharded model was merged/injected without an error")
+    with tempfile.TemporaryDirectory() as tmp:  # whole-tensor reads and writes name the call that works
+        for call, advice in ((lambda m: li.save_adapter(m, tmp), "save_adapter"),
+                             (lambda m: m.save_pretrained(tmp), "save_adapter"),
+                             (lambda m: li.load_adapter_weights(m, tmp), "load_adapter_weights")):
+            try:
+                call(model)
+            except li.DistributedError as exc:
+                assert f"lora_inject.distributed.{advice}(" in str(exc) and "every rank" in str(exc), str(exc)
+            else:
+                raise AssertionError("a sharded model's adapter was read or written without an error")
+        assert not list(Path(tmp).iterdir()), "something was written from a sharded model"
+    state = li.lora_state_dict(model)  # works: the keys of the plain model, the values this rank's DTensors
+    assert state and all(type(v).__name__ == "DTensor" and ".default." in k for k, v in state.items())
 
 
 def scenario_save_failure_reaches_every_rank():
