@@ -515,7 +515,9 @@ def _hub_cache(cache, repo_id, files, commit="0123456789abcdef0123456789abcdef01
 
 
 def test_hub_ids_for_base_and_adapter_read_the_cache_offline(llama_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # HF_HUB_OFFLINE=1, read at import
     model = _trained(llama_dir)
     model.save_pretrained(tmp_path / "adapter")
     cache = tmp_path / "cache"
