@@ -15,7 +15,6 @@ the last adapter goes. Nothing here imports transformers.
 from __future__ import annotations
 
 import os
-import types
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +32,29 @@ def is_transformers_model(model: nn.Module) -> bool:
     )
 
 
+class InstanceMethod:
+    """A function bound to one model, set in its ``__dict__``. Unlike a bound method it survives
+    ``torch.save(model)``/``pickle`` (a bound method unpickles as the class's own method, which would
+    silently write the full model again) and ``copy.deepcopy`` (it follows the copy)."""
+
+    def __init__(self, name: str, model: nn.Module) -> None:
+        self.name, self.model = name, model
+        self.__doc__ = _METHODS[name].__doc__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _METHODS[self.name](self.model, *args, **kwargs)
+
+
 def install(model: nn.Module) -> None:
     """Give a transformers model the adapter-aware ``save_pretrained`` and ``resize_token_embeddings``."""
     if is_transformers_model(model):
-        model.__dict__["save_pretrained"] = types.MethodType(save_pretrained, model)
-        model.__dict__["resize_token_embeddings"] = types.MethodType(resize_token_embeddings, model)
+        for name in _METHODS:
+            model.__dict__[name] = InstanceMethod(name, model)
 
 
 def uninstall(model: nn.Module) -> None:
     """Back to the class's methods (after unload / merge_and_unload / deleting the last adapter)."""
-    for name in ("save_pretrained", "resize_token_embeddings", CARRIED_ATTR):
+    for name in (*_METHODS, CARRIED_ATTR):
         model.__dict__.pop(name, None)
 
 
@@ -177,3 +189,6 @@ def _restore(model: nn.Module, snapshot: dict) -> None:
         model.__dict__["vocab_size"] = snapshot["model_vocab"]
     else:
         model.__dict__.pop("vocab_size", None)
+
+
+_METHODS = {"save_pretrained": save_pretrained, "resize_token_embeddings": resize_token_embeddings}

@@ -318,6 +318,22 @@ def _fresh(llama_dir):
     return t.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
 
 
+def test_save_pretrained_stays_the_adapter_one_through_deepcopy_and_pickling(llama_dir, tmp_path):
+    import io
+
+    model = _trained(llama_dir)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        folder = tmp_path / str(id(other))
+        other.save_pretrained(folder)
+        _assert_adapter_folder(folder)
+        x = ids()
+        torch.testing.assert_close(logits(li.load_adapter(_fresh(llama_dir), folder), x), logits(other, x),
+                                   atol=1e-6, rtol=1e-6)
+
+
 def test_merge_and_unload_gives_back_transformers_save_pretrained(llama_dir, tmp_path):
     import transformers as t
 
