@@ -45,6 +45,12 @@ class Edit:
     b: torch.Tensor | None = None
     scale: float = 1.0
     is_embedding: bool = False
+    magnitude: torch.Tensor | None = None  # DoRA: one entry per output feature (B's rows)
+
+    @property
+    def needs_whole_tensor(self) -> bool:
+        """DoRA on a transposed layout normalises columns: its row scale needs every stored row at once."""
+        return self.magnitude is not None and self.kind == "transposed"
 
     def fit(self, key: str, shape: tuple[int, ...]) -> bool:
         """Check the factors against the stored weight's shape; settle Linear vs Conv1D layout by shape.
@@ -58,6 +64,11 @@ class Edit:
             expected = {(in_features, out_features)}
         else:
             expected = {(out_features, in_features), (in_features, out_features)}
+        if self.magnitude is not None and self.magnitude.numel() != out_features:
+            raise MergeError(
+                f"{key}: the DoRA magnitude has {self.magnitude.numel()} entries, the adapter's B has {out_features} "
+                "rows. The adapter file is inconsistent."
+            )
         if shape not in expected:
             raise MergeError(
                 f"{key}: the checkpoint stores shape {shape}, but the adapter's factors make "
@@ -78,6 +89,11 @@ class Edit:
         else:  # linear (out, in), conv (out, in, *kernel) seen as (out, in * prod(kernel))
             left, right = b.flatten(1)[i:j], a.flatten(1)
         rows.view(j - i, -1).addmm_(left, right, alpha=self.scale)
+        if self.magnitude is not None:  # DoRA: W' = g * (W + s dW), g = m / ||W + s dW|| per output feature
+            view = rows.t() if self.kind == "transposed" else rows.view(j - i, -1)
+            magnitude = self.magnitude.reshape(-1).to(rows.dtype)
+            g = (magnitude if self.kind == "transposed" else magnitude[i:j]) / torch.linalg.vector_norm(view, dim=1)
+            view.mul_(g[:, None])
         return rows
 
 
@@ -102,6 +118,13 @@ def plan_edits(config: LoraConfig, tensors: dict[str, torch.Tensor], fan_in_fan_
             edit.kind, edit.a, edit.b, edit.is_embedding = kind, a, b, is_embedding
             edit.scale = config.scale_for(path)
             handled.update({key, path + b_suffix})
+    for key, tensor in tensors.items():
+        if key.endswith(".lora_magnitude_vector"):
+            path = key.removesuffix(".lora_magnitude_vector")
+            if f"{path}.weight" not in edits:
+                raise AdapterFileError(f"{key}: a DoRA magnitude without the LoRA factors of {path!r}.")
+            edits[f"{path}.weight"].magnitude = tensor
+            handled.add(key)
     for key, tensor in tensors.items():
         if key not in handled:
             # lora_only biases and PEFT's saved embedding weight live under base_layer
@@ -210,7 +233,8 @@ def merged_tensor_rows(tensor_slice, edit: Edit | None, out_dtype: torch.dtype |
         full_slice = None
     rows = shape[0] if shape else 1
     per_row = max(1, math.prod(shape[1:]))
-    step = rows if edit is None or edit.kind is None else max(1, CHUNK_ELEMENTS // per_row)
+    whole = edit is None or edit.kind is None or edit.needs_whole_tensor
+    step = rows if whole else max(1, CHUNK_ELEMENTS // per_row)
     for i in range(0, rows, step):
         j = min(rows, i + step)
         if full_slice is not None:

@@ -50,6 +50,8 @@ class LoraConfig:
             for tests).
         adapter_dtype: dtype of the adapter parameters. ``None``: float32 when the base
             weight is float16/bfloat16 (stable optimizer updates), else the base dtype.
+        dora: weight-decomposed LoRA (DoRA, PEFT's ``use_dora``): each adapted layer also learns a
+            magnitude per output feature and computes with ``m * (W + s*B@A) / ||W + s*B@A||``.
     """
 
     r: int = 8
@@ -68,6 +70,7 @@ class LoraConfig:
     adapter_dtype: torch.dtype | None = None
     base_model_name_or_path: str | None = None
     task_type: str | None = None
+    dora: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -84,6 +87,8 @@ class LoraConfig:
             raise ConfigError(f"dropout must be a float in [0, 1); got {self.dropout!r}.")
         if self.bias not in _BIAS_MODES:
             raise ConfigError(f"bias must be one of {_BIAS_MODES}; got {self.bias!r}.")
+        if not isinstance(self.dora, bool):
+            raise ConfigError(f"dora must be True or False; got {self.dora!r}.")
         if self.init not in _INIT_MODES:
             raise ConfigError(f"init must be one of {_INIT_MODES}; got {self.init!r}.")
         if isinstance(self.modules_to_save, str):
@@ -128,6 +133,7 @@ PEFT_FIELD_NAMES = {
     "init_lora_weights": "init",
     "exclude_modules": "exclude",
     "layers_to_transform": "layers",
+    "use_dora": "dora",
 }
 
 

@@ -138,7 +138,8 @@ def _apply(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str) -
         for layer in resolved.layers:
             wrapper = resolved.wrappers[layer.path]
             wrapper.add_adapter(
-                adapter, layer.r, layer.alpha, layer.scale, config.dropout, config.init, config.adapter_dtype
+                adapter, layer.r, layer.alpha, layer.scale, config.dropout, config.init, config.adapter_dtype,
+                dora=config.dora,
             )
             extended.append(wrapper)
             previous = model.get_submodule(layer.path)
@@ -321,7 +322,7 @@ def adapter_state(model: nn.Module, adapter: str = "default") -> dict[str, torch
     for path, module in _adapter_modules(model):
         if adapter not in module.adapter_names:
             continue
-        containers = module.adapter_param_names if isinstance(module, LoraLayer) else ("modules_to_save",)
+        containers = module.containers(adapter) if isinstance(module, LoraLayer) else ("modules_to_save",)
         for container in containers:
             prefix = f"{path}.{container}.{adapter}"
             item = getattr(module, container)[adapter]

@@ -216,7 +216,7 @@ def _expected(model: nn.Module, resolved: Plan, config: LoraConfig) -> tuple[dic
         optional[f"{path}.weight"] = (tuple(module.weight.shape), ("carried", path, module.weight))
     for layer in resolved.layers:
         wrapper = resolved.wrappers[layer.path]
-        for suffix, shape in wrapper.factor_shapes(layer.r).items():
+        for suffix, shape in wrapper.adapter_shapes(layer.r, config.dora).items():
             required[f"{layer.path}.{suffix}"] = (shape, ("factor", wrapper, suffix))
         base = wrapper.base_layer
         optional.pop(f"{layer.path}.weight", None)
@@ -254,7 +254,8 @@ def _embedding_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 _LORA_SUFFIXES = (
-    ".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B", ".base_layer.bias",
+    ".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector",
+    ".base_layer.bias",
     ".base_layer.weight",
 )
 
@@ -287,6 +288,7 @@ def _check_tensors(
             f"{where}: the file names modules this model does not have: {preview(unexpected)}. The adapter was "
             "probably trained on another architecture; load it into the model it was made for."
         )
+    _check_magnitudes(tensors, missing, where)
     if mismatched:
         hint = _vocabulary_hint(model, tensors, known) or _rank_hint(tensors, required, config)
         raise AdapterFileError(f"{where}: shape mismatch: {preview(mismatched, 3)}.{hint}")
@@ -302,6 +304,20 @@ def _check_tensors(
         )
     if problems:
         warnings.warn(f"{where}: " + "; ".join(problems) + ".", stacklevel=3)
+
+
+def _check_magnitudes(tensors: dict, missing: list[str], where: str) -> None:
+    """A DoRA file must carry every magnitude, finite: even with strict=False, a magnitude left at its
+    init would silently compute another model."""
+    lost = [k for k in missing if k.endswith(".lora_magnitude_vector")]
+    if lost:
+        raise AdapterFileError(
+            f"{where}: the config says use_dora=true but the file lacks the DoRA magnitudes {preview(lost)}. "
+            "Without them the adapter computes something else; re-save it with its magnitudes."
+        )
+    bad = [k for k, v in tensors.items() if k.endswith(".lora_magnitude_vector") and not torch.isfinite(v).all()]
+    if bad:
+        raise AdapterFileError(f"{where}: DoRA magnitudes with NaN or inf: {preview(bad)}. The file is damaged.")
 
 
 def _vocabulary_hint(model: nn.Module, tensors: dict, known: dict) -> str:

@@ -19,10 +19,11 @@ from .matching import ALL_LINEAR, REGEX_PREFIX, NameTarget, select
 from .plan import logical_modules
 
 PEFT_PREFIX = "base_model.model."
-LORA_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "modules_to_save")
+LORA_CONTAINERS = (
+    "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "modules_to_save",
+)
 # PEFT features that change what an adapter computes and that lora_inject does not implement
 _UNSUPPORTED = {
-    "use_dora": "DoRA (weight-decomposed LoRA)",
     "lora_bias": "a trainable bias on lora_B",
     "target_parameters": "LoRA on raw nn.Parameters",
     "trainable_token_indices": "trainable token embeddings",
@@ -41,6 +42,8 @@ def disk_key(memory_key: str, adapter: str) -> str:
         if part in LORA_CONTAINERS and parts[i + 1] == adapter:
             if part == "modules_to_save":
                 return ".".join(parts[:i] + parts[i + 2:])
+            if part == "lora_magnitude_vector":  # PEFT: "<path>.lora_magnitude_vector", no ".weight"
+                return ".".join(parts[: i + 1])
             return ".".join(parts[: i + 1] + parts[i + 2:])
     return memory_key
 
@@ -130,7 +133,7 @@ def to_peft_dict(model: nn.Module, adapter: str, config: LoraConfig) -> dict[str
         "layers_pattern": config.layers_pattern,
         "init_lora_weights": init,
         "inference_mode": True,
-        "use_dora": False,
+        "use_dora": bool(config.dora),
         "lora_bias": False,
         "revision": None,
     }
@@ -191,7 +194,7 @@ _PEFT_TO_OURS = {
     "layers_to_transform": "layers", "layers_pattern": "layers_pattern", "rank_pattern": "rank_pattern",
     "alpha_pattern": "alpha_pattern", "use_rslora": "rslora", "lora_dropout": "dropout", "bias": "bias",
     "modules_to_save": "modules_to_save", "init_lora_weights": "init",
-    "base_model_name_or_path": "base_model_name_or_path", "task_type": "task_type",
+    "base_model_name_or_path": "base_model_name_or_path", "task_type": "task_type", "use_dora": "dora",
 }
 
 
@@ -247,6 +250,7 @@ def from_peft_dict(data: Any, source: str = "adapter_config.json") -> LoraConfig
             init=init if init in (True, False, "gaussian") else True,
             base_model_name_or_path=data.get("base_model_name_or_path"),
             task_type=data.get("task_type"),
+            dora=bool(data.get("use_dora", False)),
         )
     except AdapterFileError:
         raise

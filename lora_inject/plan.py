@@ -7,10 +7,11 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .config import LoraConfig
-from .errors import AdapterExistsError, ConfigError, TargetNotFoundError
+from .errors import AdapterExistsError, ConfigError, TargetNotFoundError, UnsupportedModuleError
 from .layers import LoraLayer, ModulesToSave, wrap
 from .matching import AllLinearTarget, NameTarget, explain_misses, parse_targets, select, with_head
 
@@ -160,6 +161,8 @@ def resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_mus
                 f"Adapter {adapter!r} already exists on {path!r}. Pick another name (adapter='...'), or "
                 "remove it first with lora_inject.delete_adapter(model, name)."
             )
+        if config.dora:
+            _check_dora(path, module, wrapper)
         wrappers[path] = wrapper
         planned.append(_planned(path, module, wrapper, config))
     saves = _modules_to_save(named, config.modules_to_save or (), every_target_must_match)
@@ -170,10 +173,22 @@ def resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_mus
 def _planned(path: str, module: nn.Module, wrapper: LoraLayer, config: LoraConfig) -> PlannedLayer:
     r = config.rank_for(path)
     shape = tuple(module.weight.shape)
-    added = sum(math.prod(s) for s in wrapper.factor_shapes(r).values())
+    added = sum(math.prod(s) for s in wrapper.adapter_shapes(r, config.dora).values())
     return PlannedLayer(
         path, type(module).__name__, shape, r, config.alpha_for(path), config.scale_for(path), added
     )
+
+
+def _check_dora(path: str, module: nn.Module, wrapper: LoraLayer) -> None:
+    """DoRA needs the layer's weight in floating point (its row norms) and a wrapper that implements it."""
+    weight = getattr(module, "weight", None)
+    if not wrapper.supports_dora or not (isinstance(weight, torch.Tensor) and weight.is_floating_point()):
+        kind = type(module)
+        raise UnsupportedModuleError(
+            f"DoRA cannot adapt {path!r} ({kind.__module__}.{kind.__qualname__}): it needs a Linear, transformers "
+            "Conv1D, Conv1d/2d/3d or Embedding with a floating-point weight. Leave it out of the targets, or "
+            "use plain LoRA (dora=False) for this adapter."
+        )
 
 
 def _modules_to_save(named, names, must_match: bool = True) -> list[str]:

@@ -12,7 +12,7 @@ from .errors import MergeError
 ROWS_PER_TENSOR = 3
 
 
-def _expected_rows(edit, base_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def _expected_rows(edit, base_rows: torch.Tensor, rows: torch.Tensor, column_norms=None) -> torch.Tensor:
     a, b = edit.a.double(), edit.b.double()
     if edit.kind == "transposed":  # delta.T[rows] = A.T[rows] @ B.T
         delta = torch.einsum("rk,or->ko", a[:, rows], b)
@@ -20,7 +20,23 @@ def _expected_rows(edit, base_rows: torch.Tensor, rows: torch.Tensor) -> torch.T
         delta = torch.einsum("or,ri...->oi...", b.flatten(1)[rows], a)
     else:
         delta = torch.einsum("or,ri->oi", b[rows], a)
-    return base_rows.double() + edit.scale * delta
+    expected = base_rows.double() + edit.scale * delta
+    if edit.magnitude is None:
+        return expected
+    magnitude = edit.magnitude.double().reshape(-1)
+    if edit.kind == "transposed":  # DoRA normalises columns here: norms of the whole merged tensor
+        return expected * (magnitude / column_norms)[None, :]
+    norms = torch.linalg.vector_norm(expected.flatten(1), dim=1)
+    return expected * (magnitude[rows] / norms).view(-1, *(1,) * (expected.dim() - 1))
+
+
+def _column_norms(edit, base_file, key: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """DoRA on a transposed layout: ``||W + s dW||`` per column (output feature), in float64."""
+    if edit.magnitude is None or edit.kind != "transposed":
+        return None
+    whole = base_file.get_tensor(key).to(dtype).double()
+    whole += edit.scale * (edit.a.double().t() @ edit.b.double().t())
+    return torch.linalg.vector_norm(whole, dim=0)
 
 
 def verify_merge(base: Path, out: Path, matched: dict, out_dtype: torch.dtype | None) -> None:
@@ -41,7 +57,8 @@ def verify_merge(base: Path, out: Path, matched: dict, out_dtype: torch.dtype | 
             got = torch.stack([merged[int(i):int(i) + 1][0] for i in rows])
             base_slice = base_file.get_slice(key)
             base_rows = torch.stack([base_slice[int(i):int(i) + 1][0] for i in rows]).to(got.dtype)
-        expected = _expected_rows(edit, base_rows, rows)
+            column_norms = _column_norms(edit, base_file, key, got.dtype)
+        expected = _expected_rows(edit, base_rows, rows, column_norms)
         eps = torch.finfo(got.dtype).eps
         tolerance = expected.abs() * eps + 1e-6
         error = (got.double() - expected).abs()

@@ -185,10 +185,12 @@ def test_a_peft_lora_config_is_accepted_and_means_the_same(tmp_path):
     torch.testing.assert_close(logits(ours, x), logits(theirs, x), atol=1e-6, rtol=1e-6)
     layer = ours.model.layers[0].self_attn.v_proj
     assert layer.r["default"] == 2 and layer.scaling["default"] == pytest.approx(12 / 2**0.5)
+    dora = li.inject(tiny_llama(), peft.LoraConfig(target_modules=["q_proj"], use_dora=True))  # DoRA converts too
+    assert li.adapter_configs(dora)["default"].dora
 
 
 @pytest.mark.parametrize("field, value", [
-    ("use_dora", True), ("lora_bias", True), ("init_lora_weights", "pissa"), ("init_lora_weights", "olora"),
+    ("lora_bias", True), ("init_lora_weights", "pissa"), ("init_lora_weights", "olora"),
     ("layer_replication", [[0, 1]]), ("trainable_token_indices", [1, 2]), ("target_parameters", ["w"]),
 ])
 def test_a_peft_config_with_what_we_do_not_implement_is_refused_by_name(field, value):

@@ -11,9 +11,12 @@ import warnings
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.compiler import is_compiling
 
 from ..errors import AdapterExistsError, AdapterNotFoundError, MergeError
+from .dora import DoraEntry, Magnitude, norm_dtype, row_norms, squared_row_norms
 
 
 class LoraLayer(nn.Module):
@@ -23,10 +26,12 @@ class LoraLayer(nn.Module):
 
     Subclasses implement :meth:`_create_factors`, :meth:`_init_factors`,
     :meth:`_add_lora` and :meth:`_delta_factors`, and list the names of their
-    per-adapter containers in ``adapter_param_names``.
+    per-adapter containers in ``adapter_param_names``. DoRA adapters (see ``dora.py``) also
+    need :meth:`_dora_rows` and :meth:`_dora_factors`; the rest of DoRA lives here, once.
     """
 
     adapter_param_names: tuple[str, ...] = ("lora_A", "lora_B")
+    supports_dora = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -41,6 +46,8 @@ class LoraLayer(nn.Module):
             active_adapters=(),
             merged_adapters=[],
             adapters_disabled=False,
+            use_dora={},  # adapter -> True for DoRA adapters (they also hold lora_magnitude_vector[name])
+            _dora_merged={},  # adapter -> the row scale m / ||W + s*dW|| applied at merge, to undo it exactly
             # what forward needs per running adapter (active, not merged), precomputed on each
             # state change so the hot path does no dictionary lookups: (factor containers, scale, p)
             _running=(),
@@ -57,11 +64,27 @@ class LoraLayer(nn.Module):
         """``result + scale * B(A(dropout(x)))`` for one running adapter (``entry`` from :meth:`_entry`)."""
         raise NotImplementedError
 
-    def _entry(self, name: str) -> tuple:
-        """The precomputed per-adapter tuple that :meth:`_add_lora` receives."""
-        return (
-            *(getattr(self, c)[name] for c in self.adapter_param_names), self.scaling[name], self.lora_dropout[name]
-        )
+    def _entry(self, name: str, dropout: float | None = None) -> tuple:
+        """The precomputed per-adapter tuple that :meth:`_add_lora` receives (``dropout`` overrides the
+        adapter's probability: DoRA applies dropout itself)."""
+        p = self.lora_dropout[name] if dropout is None else dropout
+        return (*(getattr(self, c)[name] for c in self.adapter_param_names), self.scaling[name], p)
+
+    def _dora_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """A weight-shaped tensor seen in DoRA's rows layout (R, C): one row per magnitude entry (a view)."""
+        raise NotImplementedError
+
+    def _dora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(left (R, r), right (r, C))`` with ``scale * left @ right`` the update in the rows layout."""
+        raise NotImplementedError
+
+    def _dora_output_shape(self, scale: torch.Tensor) -> torch.Tensor:
+        """The (R,) row scale shaped to multiply this layer's output (R features on the last dim)."""
+        return scale
+
+    def _dora_magnitude_shape(self, rows: int) -> tuple[int, ...]:
+        """The magnitude's shape as PEFT stores it: (R,); convs override it."""
+        return (rows,)
 
     def _delta_factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(left, right)`` in ``dtype`` with ``left @ right == delta / scale``, the base weight seen
@@ -91,7 +114,22 @@ class LoraLayer(nn.Module):
         """The parameter stored on disk under ``<path>.<suffix>`` (e.g. ``lora_A.weight``) for adapter ``name``."""
         container, _, rest = suffix.partition(".")
         item = getattr(self, container)[name]
+        if isinstance(item, Magnitude):  # PEFT writes it as "<path>.lora_magnitude_vector", no ".weight"
+            return item.weight
         return getattr(item, rest) if rest else item
+
+    def containers(self, name: str) -> tuple[str, ...]:
+        """The per-adapter containers that hold ``name``'s parameters."""
+        if self.use_dora.get(name):
+            return (*self.adapter_param_names, "lora_magnitude_vector")
+        return self.adapter_param_names
+
+    def adapter_shapes(self, r: int, dora: bool = False) -> dict[str, tuple[int, ...]]:
+        """:meth:`factor_shapes`, plus the magnitude vector (R,) of a DoRA adapter."""
+        shapes = self.factor_shapes(r)
+        if dora:
+            shapes["lora_magnitude_vector"] = self._dora_magnitude_shape(self._dora_rows(self.base_weight).shape[0])
+        return shapes
 
     @property
     def base_weight(self) -> torch.Tensor:
@@ -120,8 +158,13 @@ class LoraLayer(nn.Module):
         dropout: float = 0.0,
         init: bool | str = True,
         dtype: torch.dtype | None = None,
+        dora: bool = False,
     ) -> None:
-        """Create adapter ``name`` on the base weight's device; B (or A for embeddings) is zero."""
+        """Create adapter ``name`` on the base weight's device; B (or A for embeddings) is zero.
+
+        With ``dora`` the adapter also gets a magnitude vector, initialised to the row norms of
+        ``W + s * B @ A`` so that the layer starts exactly as the base.
+        """
         if name in self.r:
             raise AdapterExistsError(f"Adapter {name!r} already exists on this layer.")
         weight = self.base_weight
@@ -129,26 +172,37 @@ class LoraLayer(nn.Module):
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, alpha, scale
         self.lora_dropout[name] = float(dropout)
         self._create_factors(name, r, dtype, weight.device)
+        if dora:
+            if "lora_magnitude_vector" not in self._modules:
+                self.lora_magnitude_vector = nn.ModuleDict()
+            shape = self._dora_magnitude_shape(self._dora_rows(weight).shape[0])
+            self.lora_magnitude_vector[name] = Magnitude(shape, norm_dtype(dtype), weight.device)
+            self.use_dora[name] = True
         if weight.device.type != "meta":
-            self._init_factors(name, init)
+            self.reset_adapter(name, init)
 
     def reset_adapter(self, name: str, init: bool | str = True) -> None:
-        """Re-draw the factors of ``name`` (e.g. after ``to_empty`` on a meta-built model)."""
+        """Re-draw the factors of ``name`` (e.g. after ``to_empty`` on a meta-built model); a DoRA
+        magnitude is set to the row norms of the new ``W + s * B @ A``."""
         self._require(name)
         with torch.no_grad():
             self._init_factors(name, init)
+            if self.use_dora.get(name):
+                magnitude = self.lora_magnitude_vector[name].weight
+                magnitude.copy_(self._dora_norm(name, cached=False).view(magnitude.shape))
 
     def delete_adapter(self, name: str) -> None:
         self._require(name)
         if name in self.merged_adapters:
             raise MergeError(f"Adapter {name!r} is merged into the weights; unmerge it before deleting it.")
-        for container in self.adapter_param_names:
+        for container in self.containers(name):
             del getattr(self, container)[name]
         del self.lora_dropout[name], self.r[name], self.lora_alpha[name], self.scaling[name]
+        self.use_dora.pop(name, None)
         self.set_active([a for a in self.active_adapters if a != name])
 
     def adapter_parameters(self, name: str) -> Iterable[nn.Parameter]:
-        for container in self.adapter_param_names:
+        for container in self.containers(name):
             yield from _params_of(getattr(self, container)[name])
 
     def set_active(self, names: Iterable[str]) -> None:
@@ -161,7 +215,11 @@ class LoraLayer(nn.Module):
 
     def _refresh_running(self) -> None:
         names = () if self.adapters_disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
-        self._running = tuple(self._entry(n) for n in names)
+        self._running = tuple(
+            DoraEntry(n, self.scaling[n], self.lora_dropout[n], self._entry(n, dropout=0.0)) if self.use_dora.get(n)
+            else self._entry(n)
+            for n in names
+        )
 
     def set_disabled(self, disabled: bool) -> None:
         self.adapters_disabled = disabled
@@ -178,6 +236,8 @@ class LoraLayer(nn.Module):
         lr=1e-4). The base layer converts as asked. Adapters created in half precision on purpose
         (``adapter_dtype=torch.bfloat16``) stay as they are.
         """
+        for cache in ("_dora_squared", "_dora_kept"):  # they hold the old tensors
+            self.__dict__.pop(cache, None)
         keep = {
             id(t) for name in self.r for p in self.adapter_parameters(name) if p.dtype == torch.float32
             for t in (p, p.grad) if t is not None
@@ -198,8 +258,87 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         for entry in self._running:
-            result = self._add_lora(entry, x, result)
+            if type(entry) is DoraEntry:
+                result = self._add_dora(entry, x, result)
+            else:
+                result = self._add_lora(entry, x, result)
         return result
+
+    # ----- DoRA -------------------------------------------------------------------------------
+    def _add_dora(self, entry: DoraEntry, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """One DoRA adapter on top of ``result`` (the base output plus the adapters before this one),
+        with PEFT's formula and so PEFT's composition of several adapters, g = m / ||W + s dW||:
+
+        * no dropout in effect: ``result + (g - 1) * (result - bias) + g * s * B A x``
+          (for one adapter: ``g * (W x + s * B A x) + bias``);
+        * dropout in training: ``result + (g - 1) * W dropout(x) + g * s * B A dropout(x)``.
+        """
+        g = self._dora_output_shape(self._dora_scale(entry.name, result.dtype))
+        if entry.p > 0.0 and self.training:
+            x = F.dropout(x, entry.p, True)
+            base = self._base_product(x)
+        else:
+            bias = self.bias
+            base = result if bias is None else result - self._dora_output_shape(bias.to(result.dtype))
+        lora = self._add_lora(entry.lora, x, torch.zeros_like(result))  # s * B A x
+        return result + (g - 1) * base + g * lora
+
+    def _base_product(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's product without its bias (``W x``), for DoRA with dropout."""
+        raise NotImplementedError
+
+    def _dora_norm(self, name: str, cached: bool = True) -> torch.Tensor:
+        """``||W + s * B @ A||`` per row (R,), float32 (float64 for float64 weights or adapters), detached.
+
+        No (R, C) temporary (:func:`lora_inject.layers.dora.row_norms`); ``||W_i||^2`` is kept between
+        calls, checked against W's identity, storage and version.
+        """
+        weight = self.base_weight
+        left, right = self._dora_factors(name)
+        with torch.no_grad():
+            w_rows = self._dora_rows(weight.detach())
+            dtype = norm_dtype(weight.dtype, left.dtype, right.dtype)
+            squared = self._squared_norms(weight, w_rows, dtype) if cached and not is_compiling() else None
+            return row_norms(w_rows, left.detach(), right.detach(), self.scaling[name], squared)
+
+    def _squared_norms(self, weight: torch.Tensor, w_rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        state = (weight.data_ptr(), weight._version, dtype)
+        kept = self.__dict__.get("_dora_squared")
+        if kept is not None and kept[0] is weight and kept[1] == state:
+            return kept[2]
+        squared = squared_row_norms(w_rows, dtype)
+        self.__dict__["_dora_squared"] = (weight, state, squared)
+        return squared
+
+    def _dora_scale(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """``g = m / ||W + s * B @ A||`` (R,) in ``dtype``: differentiable in m, the norm detached.
+
+        Where no gradient is wanted (``no_grad``, ``inference_mode``; not while compiling) g is kept
+        between calls, valid while W, A, B and m are the same tensors at the same storage and version.
+        """
+        magnitude = self.lora_magnitude_vector[name].weight.reshape(-1)
+        if torch.is_grad_enabled() or is_compiling():
+            return (magnitude / self._dora_norm(name)).to(dtype)
+        params = (self.base_weight, *self.adapter_parameters(name))
+        state = (dtype, *((p.data_ptr(), p._version) for p in params))
+        kept = self.__dict__.setdefault("_dora_kept", {}).get(name)
+        if kept is not None and kept[1] == state and all(a is b for a, b in zip(kept[0], params)):
+            return kept[2]
+        scale = (magnitude / self._dora_norm(name)).to(dtype)
+        self.__dict__["_dora_kept"][name] = (params, state, scale)
+        return scale
+
+    def _dora_fold(self, name: str, target: torch.Tensor) -> torch.Tensor:
+        """``target = g * (target + s * dW)`` in place (target weight-shaped, contiguous, in the merge
+        dtype), g = m / ||target + s * dW|| per row; returns g (R,). The arithmetic the streaming merge
+        repeats, so both write the same bits."""
+        left, right = self._delta_factors(name, target.dtype)
+        target.view(left.shape[0], -1).addmm_(left, right, alpha=self.scaling[name])
+        rows = self._dora_rows(target)
+        magnitude = self.lora_magnitude_vector[name].weight.detach().reshape(-1).to(target.dtype)
+        g = magnitude / torch.linalg.vector_norm(rows, dim=1)
+        rows.mul_(g[:, None])
+        return g
 
     # ----- merge ------------------------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -212,9 +351,20 @@ class LoraLayer(nn.Module):
 
         Cheap in the usual case: finite factors whose largest possible contribution
         ``scale * max_row(sum |B|) * max |A|`` cannot overflow the weight's dtype are safe
-        without computing the merge. Otherwise the merged weight is computed and checked.
+        without computing the merge. Otherwise (and for DoRA, whose row scale can be anything) the
+        merged weight is computed and checked.
         """
         weight = self.base_weight
+        if self.use_dora.get(name):
+            target = weight.detach().to(self._delta_dtype(name), copy=True).contiguous()
+            self._dora_fold(name, target)
+            if not torch.isfinite(target.to(weight.dtype)).all():
+                raise MergeError(
+                    f"Merging DoRA adapter {name!r} would write NaN or inf into a {weight.dtype} weight of shape "
+                    f"{tuple(weight.shape)}: its magnitude or factors are not finite, or a row of W + s*B@A has "
+                    "norm zero. Inspect the adapter's weights."
+                )
+            return
         factor_a, factor_b = list(self.adapter_parameters(name))[:2]
         limit = torch.finfo(weight.dtype).max if weight.is_floating_point() else float("inf")
         if torch.isfinite(factor_a).all() and torch.isfinite(factor_b).all():
@@ -263,6 +413,34 @@ class LoraLayer(nn.Module):
         self._refresh_running()
 
     def _add_delta(self, name: str, sign: float) -> None:
+        if self.use_dora.get(name):
+            self._dora_merge(name) if sign > 0 else self._dora_unmerge(name)
+            return
+        self._add_lora_delta(name, sign)
+
+    def _dora_merge(self, name: str) -> None:
+        """``W = g * (W + s * dW)``, in float32 (float64 where W or the adapter is), cast to W's dtype once."""
+        weight = self.base_weight
+        dtype = self._delta_dtype(name)
+        plain = weight.dtype == dtype and weight.is_contiguous() and type(weight) in (nn.Parameter, torch.Tensor)
+        target = weight if plain else weight.detach().to(dtype, copy=True).contiguous()
+        self._dora_merged[name] = self._dora_fold(name, target)
+        if target is not weight:
+            weight.copy_(target)
+
+    def _dora_unmerge(self, name: str) -> None:
+        """``W = W / g - s * dW`` with the g of the merge (PEFT's unmerge), in the merge dtype."""
+        weight = self.base_weight
+        dtype = self._delta_dtype(name)
+        plain = weight.dtype == dtype and weight.is_contiguous() and type(weight) in (nn.Parameter, torch.Tensor)
+        target = weight if plain else weight.detach().to(dtype, copy=True).contiguous()
+        self._dora_rows(target).div_(self._dora_merged.pop(name)[:, None])
+        left, right = self._delta_factors(name, dtype)
+        target.view(left.shape[0], -1).addmm_(left, right, alpha=-self.scaling[name])
+        if target is not weight:
+            weight.copy_(target)
+
+    def _add_lora_delta(self, name: str, sign: float) -> None:
         """``W += sign * scale * delta`` in place, the sum in :meth:`_delta_dtype` (float32, or float64
         where W or the adapter is) and rounded to W's dtype once.
 
@@ -281,6 +459,12 @@ class LoraLayer(nn.Module):
         target.view(left.shape[0], -1).addmm_(left, right, alpha=sign * self.scaling[name])
         if target is not weight:
             weight.copy_(target)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for cache in ("_frozen", "_dora_squared", "_dora_kept"):  # derived; they hold tensors of the model
+            state.pop(cache, None)
+        return state
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import UnsupportedModuleError
 from .base import LoraLayer
+from .dora import DoraEntry
 from .fused import autocast_enabled, hooks_on
 from .linear import init_a_zero_b
 
@@ -64,9 +65,26 @@ class LoraConv(LoraLayer):
     def _init_factors(self, name: str, init: bool | str) -> None:
         init_a_zero_b(self.lora_A[name].weight, self.lora_B[name].weight, self.r[name], init)
 
+    supports_dora = True
+
+    def _dora_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.flatten(1)  # (out, in * prod(kernel)), a view of the contiguous weight
+
+    def _dora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_B[name].weight.flatten(1), self.lora_A[name].weight.flatten(1)  # (out, r), (r, in*k)
+
+    def _dora_magnitude_shape(self, rows: int) -> tuple[int, ...]:
+        return (1, rows, *(1,) * (self.base_layer.weight.dim() - 2))  # (1, out, 1, ...), as PEFT keeps it
+
+    def _dora_output_shape(self, scale: torch.Tensor) -> torch.Tensor:
+        return scale.view(1, -1, *(1,) * (self.base_layer.weight.dim() - 2))  # (1, out, 1, ...)
+
+    def _base_product(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer._conv_forward(x, self.base_layer.weight.to(x.dtype), None)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         running = self._running
-        if len(running) == 1 and not (args or kwargs):
+        if len(running) == 1 and not (args or kwargs) and type(running[0]) is not DoraEntry:
             kernel = self._merged_kernel(running[0], x)
             if kernel is not None:
                 base = self.base_layer

@@ -20,6 +20,7 @@ class LoraEmbedding(LoraLayer):
     """
 
     adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
+    supports_dora = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         if base_layer.max_norm is not None:
@@ -54,7 +55,20 @@ class LoraEmbedding(LoraLayer):
                 nn.init.zeros_(self.lora_embedding_A[name])
             nn.init.normal_(self.lora_embedding_B[name])
 
-    def _entry(self, name: str) -> tuple:
+    def _dora_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t()  # (embedding_dim, num_embeddings): DoRA's norm runs over the vocabulary
+
+    def _dora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_B[name], self.lora_embedding_A[name]  # (dim, r), (r, num_embeddings)
+
+    def _add_dora(self, entry, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """PEFT's DoRA for embeddings: ``g * result + g * s * A.T[x] @ B.T``, g (dim,) = m / ||E + s dE||
+        with the norm over the vocabulary; no dropout (PEFT applies none to token ids)."""
+        g = self._dora_scale(entry.name, result.dtype)
+        lora = self._add_lora(entry.lora, x, torch.zeros_like(result))
+        return g * result + g * lora
+
+    def _entry(self, name: str, dropout: float | None = None) -> tuple:
         # the containers and the name, not the Parameters: FSDP and load_state_dict(assign=True) replace those
         return self.lora_embedding_A, self.lora_embedding_B, name, self.scaling[name]
 
@@ -66,7 +80,11 @@ class LoraEmbedding(LoraLayer):
             x, a.T, padding_idx=base.padding_idx, scale_grad_by_freq=base.scale_grad_by_freq
         )  # (..., r)
         b = (b * scale).to(result.dtype)
-        return result + after_a.to(result.dtype) @ b.T  # (..., embedding_dim)
+        update = after_a.to(result.dtype) @ b.T  # (..., embedding_dim)
+        embed_scale = getattr(base, "embed_scale", None)  # scaled embeddings (Gemma 3) scale the lookup
+        if embed_scale is not None:
+            update = update * (embed_scale.to(update.dtype) if torch.is_tensor(embed_scale) else embed_scale)
+        return result + update
 
     def _delta_factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.lora_embedding_A[name].to(dtype), self.lora_embedding_B[name].to(dtype)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.compiler import is_compiling
 
 from .base import LoraLayer, resize_parameter
+from .dora import DoraEntry
 from .dropout import dropped_projection
 from .fused import DIRECT_TYPES, allow_direct, autocast_enabled, frozen_lora_linear, hooks_on, lora_linear
 
@@ -19,7 +21,10 @@ class LoraLinear(LoraLayer):
     Shapes: x (..., in); A ``lora_A[name].weight`` (r, in); B ``lora_B[name].weight`` (out, r).
     The adapter weights are cast to x's dtype (cheap: r * (in + out) elements) rather than
     casting x, so a bf16 model with float32 adapters saves bf16 activations, not float32 copies.
+    DoRA: the magnitude is (out,), one entry per output feature.
     """
+
+    supports_dora = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -51,12 +56,24 @@ class LoraLinear(LoraLayer):
     def _init_factors(self, name: str, init: bool | str) -> None:
         init_a_zero_b(self.lora_A[name].weight, self.lora_B[name].weight, self.r[name], init)
 
-    def _entry(self, name: str) -> tuple:
-        return name, self.scaling[name], self.lora_dropout[name]
+    def _entry(self, name: str, dropout: float | None = None) -> tuple:
+        return name, self.scaling[name], self.lora_dropout[name] if dropout is None else dropout
+
+    def _dora_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight  # (out, in)
+
+    def _dora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_B[name].weight, self.lora_A[name].weight  # (out, r), (r, in)
+
+    def _base_product(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.base_layer.weight.to(x.dtype))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         running = self._running
         if len(running) == 1 and not (args or kwargs):
+            if type(running[0]) is DoraEntry:
+                result = self._dora_direct(running[0], x)
+                return result if result is not None else super().forward(x)
             name, scale, p = running[0]
             operands = _fused_operands(self._modules, name, x)
             if operands is not None:
@@ -67,6 +84,26 @@ class LoraLinear(LoraLayer):
                 return lora_linear(x, weight.t() if transposed else weight, bias, a, b, scale,
                                    p if self.training else 0.0)
         return super().forward(x, *args, **kwargs)
+
+    def _dora_direct(self, entry: DoraEntry, x: torch.Tensor) -> torch.Tensor | None:
+        """One DoRA adapter as ``g * (x @ W.T + s * (x @ A.T) @ B.T) + bias`` through the fused LoRA
+        function (no dropout in effect), or None where the general path must run.
+
+        With autograd this saves, beyond what LoRA saves, the (N, out) product before the row scale:
+        the magnitude's gradient is ``sum over tokens of grad_y * product / norm``. Without autograd,
+        g and the transposed operands are kept between calls: seven ops per call.
+        """
+        operands = _fused_operands(self._modules, entry.name, x)
+        if operands is None or (entry.p > 0.0 and self.training):
+            return None
+        weight, transposed, bias, a, b = operands
+        g = self._dora_scale(entry.name, x.dtype)
+        if not (torch.is_grad_enabled() or is_compiling()):
+            wt, at, bt = self._frozen_operands(weight, transposed, a, b, x.dtype)
+            y = frozen_lora_linear(x, wt, at, bt, None, entry.scale).mul_(g)
+            return y if bias is None else y.add_(bias)
+        y = lora_linear(x, weight.t() if transposed else weight, None, a, b, entry.scale) * g
+        return y if bias is None else y + bias
 
     def _frozen_operands(
         self, weight: torch.Tensor, transposed: bool, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype
@@ -98,11 +135,6 @@ class LoraLinear(LoraLayer):
         self.__dict__.pop("_frozen", None)  # views of the old storage would keep it alive
         return super()._apply(fn, recurse)
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state.pop("_frozen", None)
-        return state
-
     def _add_lora(self, entry: tuple, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         name, scale, p = entry
         factor_a, factor_b = self.lora_A._modules[name], self.lora_B._modules[name]
@@ -130,6 +162,12 @@ class LoraConv1D(LoraLinear):
     def _io_features(self) -> tuple[int, int]:
         in_features, out_features = self.base_layer.weight.shape
         return in_features, out_features
+
+    def _dora_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t()  # stored (in, out): one row per output feature
+
+    def _base_product(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, self.base_layer.weight.to(x.dtype))
 
     def _delta_factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[name].weight.to(dtype).t(), self.lora_B[name].weight.to(dtype).t()  # (in, r), (r, out)
