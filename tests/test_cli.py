@@ -54,7 +54,7 @@ def test_inspect_unknown_model_type_error(tmp_path, capsys):
 
 
 # ----- streaming merge ------------------------------------------------------------------------
-def _checkpoint(tmp_path, kind, dtype=torch.float32):
+def _checkpoint(tmp_path, kind, dtype=torch.float32, **extra):
     """A sharded base checkpoint (stored in ``dtype``), an adapter for it, and the model class."""
     if kind == "llama":
         model, cls = tiny_llama(), t.LlamaForCausalLM
@@ -69,7 +69,7 @@ def _checkpoint(tmp_path, kind, dtype=torch.float32):
     model = model.to(dtype)
     model.save_pretrained(tmp_path / "base", max_shard_size="20KB")
     (tmp_path / "base" / "tokenizer_config.json").write_text('{"model_max_length": 64}')
-    li.inject(model, r=4, **li_kwargs)
+    li.inject(model, r=4, **li_kwargs, **extra)
     randomize_adapters(model)
     if kind == "bert":
         with torch.no_grad():
@@ -101,6 +101,37 @@ def test_streaming_merge_is_bit_identical_to_merge_and_unload(kind, dtype, tmp_p
     assert (tmp_path / "out" / "tokenizer_config.json").is_file()
     reloaded = cls.from_pretrained(tmp_path / "out")  # plain transformers reads it
     assert not any("lora" in k for k in reloaded.state_dict())
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+def test_streaming_merge_of_dora_is_bit_identical_and_verified(kind, dtype, tmp_path, monkeypatch):
+    """DoRA rescales every output feature of W + s*dW: row chunks for Linear (norms per row), the whole
+    tensor for Conv1D and Embedding (norms per column); --verify recomputes it in float64."""
+    from lora_inject import checkpoint_merge
+
+    cls = _checkpoint(tmp_path, kind, dora=True)
+    with torch.no_grad():  # magnitudes away from their init: the merge must use them
+        model = li.from_pretrained(tmp_path / "base", tmp_path / "adapter", model_class=cls)
+        for _, layer in li.lora_layers(model):
+            layer.lora_magnitude_vector["default"].weight.mul_(1.5)
+        li.save_adapter(model, tmp_path / "adapter")
+    argv = ["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"), "--verify"]
+    assert main(argv + (["--dtype", dtype] if dtype else [])) == 0
+    torch_dtype = torch.bfloat16 if dtype else torch.float32
+    reference = li.from_pretrained(tmp_path / "base", tmp_path / "adapter", model_class=cls, dtype=torch_dtype)
+    li.merge_and_unload(reference).save_pretrained(tmp_path / "reference", max_shard_size="20KB")
+    ours, theirs = read_all(tmp_path / "out"), read_all(tmp_path / "reference")
+    assert ours.keys() == theirs.keys()
+    changed = [k for k in theirs if not torch.equal(theirs[k], read_all(tmp_path / "base").get(k, theirs[k]))]
+    assert changed
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+    monkeypatch.setattr(checkpoint_merge, "CHUNK_ELEMENTS", 200)  # several row chunks per Linear: same values
+    argv[3] = str(tmp_path / "chunked")
+    assert main(argv + (["--dtype", dtype] if dtype else [])) == 0
+    for key, value in read_all(tmp_path / "chunked").items():
+        torch.testing.assert_close(value, ours[key], atol=1e-6, rtol=0 if dtype is None else 1e-2)
 
 
 def test_streaming_merge_of_a_float64_checkpoint_keeps_float64_precision(tmp_path):
