@@ -38,16 +38,16 @@ def llama(hidden=512, layers=4, vocab=2000, intermediate=None, device=None, dtyp
     return t.LlamaForCausalLM(config).to(device=device or TARGET["device"], dtype=dtype or TARGET["dtype"])
 
 
-def ours(base, r=16, dropout=0.0, targets=SEVEN):
+def ours(base, r=16, dropout=0.0, targets=SEVEN, dora=False):
     import lora_inject as li
 
-    return li.inject(copy.deepcopy(base), targets=targets, r=r, alpha=2 * r, dropout=dropout)
+    return li.inject(copy.deepcopy(base), targets=targets, r=r, alpha=2 * r, dropout=dropout, dora=dora)
 
 
-def peft(base, r=16, dropout=0.0, targets=SEVEN):
+def peft(base, r=16, dropout=0.0, targets=SEVEN, dora=False):
     import peft as p
 
-    config = p.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets)
+    config = p.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets, use_dora=dora)
     return p.get_peft_model(copy.deepcopy(base), config)
 
 

@@ -1,7 +1,7 @@
 """lora_inject vs PEFT, side by side in one process: ratios of medians, interleaved.
 
     python benchmarks/run.py            # everything (a few minutes on 2 cores)
-    python benchmarks/run.py train infer decode conv overhead inject merge
+    python benchmarks/run.py train infer decode dora conv overhead inject merge
     python benchmarks/run.py train infer --device cuda --dtype bfloat16
     python benchmarks/run.py train --keep-heap  # no page-fault noise from glibc's heap trimming
 """
@@ -140,6 +140,41 @@ def bench_decode(repeats: int) -> list[str]:
     r = rotating_ratios({"ours": run(a), "peft": run(b), "base": run(base)}, "base", repeats)
     return [f"greedy decode, 32 tokens after 16, batch 1: ours {r['ours']:.3f}x base, PEFT {r['peft']:.3f}x base "
             f"(overhead ratio {overhead_ratio(r['ours'], r['peft']):.2f})"]
+
+
+def bench_dora(repeats: int) -> list[str]:
+    """DoRA on the training workload and in greedy decode, side by side with PEFT's DoRA (and LoRA)."""
+    base = llama()
+    ids = token_ids(4, 256)
+    a, b = ours(base, dora=True).train(), peft(base, dora=True).train()
+    lora_a, lora_b = ours(base).train(), peft(base).train()
+    steps = {name: _train_step(m, ids, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4))
+             for name, m in (("ours", a), ("peft", b), ("ours_lora", lora_a), ("peft_lora", lora_b))}
+    r = rotating_ratios(steps, "peft", repeats=2 * repeats)
+    saved = {name: saved_bytes(lambda m=m: m(input_ids=ids, labels=ids).loss) / 2**20
+             for name, m in (("ours", a), ("peft", b), ("ours_lora", lora_a), ("peft_lora", lora_b))}
+    lines = [
+        f"DoRA train step: ours / PEFT DoRA {r['ours']:.3f}; LoRA steps / PEFT DoRA: ours {r['ours_lora']:.3f}, "
+        f"PEFT {r['peft_lora']:.3f} (PEFT's DoRA costs {1 / r['peft_lora']:.2f}x its LoRA, ours "
+        f"{r['ours'] / r['ours_lora']:.2f}x ours)",
+        f"DoRA saved for backward: ours {saved['ours']:.1f} MiB, PEFT {saved['peft']:.1f} MiB (ratio "
+        f"{saved['ours'] / saved['peft']:.2f}); LoRA: ours {saved['ours_lora']:.1f}, PEFT {saved['peft_lora']:.1f}",
+    ]
+    base.eval().generation_config.pad_token_id = 0
+    prompt = token_ids(1, 16)
+    a.eval()
+    b.eval()
+
+    def run(model):
+        def call():
+            with torch.inference_mode():
+                model.generate(input_ids=prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        return call
+
+    r = rotating_ratios({"ours": run(a), "peft": run(b), "base": run(base)}, "base", 2 * repeats)
+    lines.append(f"DoRA greedy decode, 32 tokens after 16, batch 1: ours {r['ours']:.3f}x base, "
+                 f"PEFT {r['peft']:.3f}x base")
+    return lines
 
 
 def bench_inject(repeats: int) -> list[str]:
@@ -299,6 +334,7 @@ SECTIONS = {
     "dropout-memory": lambda r: bench_dropout_memory(),
     "infer": lambda r: bench_infer(512, 1, 32, 25 * r) + bench_infer(1024, 4, 512, 3 * r),  # ~15 ms and ~0.4 s a call
     "decode": lambda r: bench_decode(4 * r),
+    "dora": lambda r: bench_dora(r),
     "conv": lambda r: bench_conv(r),
     "overhead": lambda r: bench_overhead(r),
     "inject": lambda r: bench_inject(r),

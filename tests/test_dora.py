@@ -198,9 +198,9 @@ def test_no_grad_calls_keep_the_scale_and_follow_every_change():
 
     with torch.no_grad():
         torch.testing.assert_close(layer(x), expected(), atol=1e-5, rtol=1e-5)
-        kept = layer._dora_kept["default"][2]
+        kept = layer._dora_fast[-1]
         layer(x)
-        assert layer._dora_kept["default"][2] is kept  # reused
+        assert layer._dora_fast[-1] is kept  # reused
         for change in (lambda: layer.lora_A["default"].weight.add_(0.1), lambda: layer.lora_B["default"].weight.mul_(2),
                        lambda: layer.lora_magnitude_vector["default"].weight.add_(1.0),
                        lambda: layer.base_layer.weight.mul_(1.5)):

@@ -97,13 +97,28 @@ class LoraLinear(LoraLayer):
         if operands is None or (entry.p > 0.0 and self.training):
             return None
         weight, transposed, bias, a, b = operands
-        g = self._dora_scale(entry.name, x.dtype)
         if not (torch.is_grad_enabled() or is_compiling()):
             wt, at, bt = self._frozen_operands(weight, transposed, a, b, x.dtype)
-            y = frozen_lora_linear(x, wt, at, bt, None, entry.scale).mul_(g)
+            y = frozen_lora_linear(x, wt, at, bt, None, entry.scale).mul_(self._kept_dora_scale(entry, weight, a, b, x))
             return y if bias is None else y.add_(bias)
-        y = lora_linear(x, weight.t() if transposed else weight, None, a, b, entry.scale) * g
+        y = lora_linear(x, weight.t() if transposed else weight, None, a, b, entry.scale) * self._dora_scale(
+            entry.name, x.dtype)
         return y if bias is None else y + bias
+
+    def _kept_dora_scale(self, entry: DoraEntry, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                         x: torch.Tensor) -> torch.Tensor:
+        """:meth:`_dora_scale` for the no-grad fast path, its validity checked in as few operations as
+        possible (same tensors, storage and version of W, A, B and m; x's dtype): decode pays it per token."""
+        m = self.lora_magnitude_vector._modules[entry.name]._parameters["weight"]
+        state = (weight._version, a._version, b._version, m._version, weight.data_ptr(), a.data_ptr(),
+                 b.data_ptr(), m.data_ptr(), x.dtype)
+        kept = self.__dict__.get("_dora_fast")
+        if kept is not None and kept[4] == state and kept[0] is weight and kept[1] is a and kept[2] is b:
+            if kept[3] is m:
+                return kept[5]
+        g = (m.reshape(-1) / self._dora_norm(entry.name)).to(x.dtype)
+        self.__dict__["_dora_fast"] = (weight, a, b, m, state, g)
+        return g
 
     def _frozen_operands(
         self, weight: torch.Tensor, transposed: bool, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype
