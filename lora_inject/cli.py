@@ -45,7 +45,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = build_on_meta(args.model)
     targets = args.targets or (preset(args.preset) if args.preset else None)
-    config = LoraConfig(r=args.r, alpha=args.alpha, targets=targets)
+    config = LoraConfig(r=args.r, alpha=args.alpha, targets=targets, dora=args.dora)
     if targets is not None:
         from .plan import resolve
 
@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("-r", type=int, default=8, help="rank (default 8)")
     inspect.add_argument("--alpha", type=float, default=16.0, help="alpha (default 16)")
     inspect.add_argument("--full", action="store_true", help="one row per module instead of per layer pattern")
+    inspect.add_argument("--dora", action="store_true", help="DoRA: count the magnitude vectors too")
     inspect.set_defaults(func=cmd_inspect)
 
     merge = sub.add_parser("merge", help="fold an adapter into a safetensors checkpoint, streaming")

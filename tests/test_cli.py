@@ -39,6 +39,16 @@ def test_inspect_70b_config_on_meta(tmp_path, capsys):
     assert f"of {70_553_706_496 + 207_093_760:,} total" in out  # Llama-3-70B: 70.55B base parameters
 
 
+def test_inspect_counts_dora_magnitudes(tmp_path, capsys):
+    tiny_llama().save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path), "--targets", "q_proj", "-r", "4"]) == 0
+    plain = capsys.readouterr().out
+    assert main(["inspect", str(tmp_path), "--targets", "q_proj", "-r", "4", "--dora"]) == 0
+    dora = capsys.readouterr().out
+    assert f"adapter parameters {2 * 4 * (32 + 32):,} " in plain
+    assert f"adapter parameters {2 * 4 * (32 + 32) + 2 * 32:,} " in dora  # one magnitude entry per output feature
+
+
 def test_inspect_targets_and_near_misses(tmp_path, capsys):
     tiny_llama().save_pretrained(tmp_path)
     assert main(["inspect", str(tmp_path), "--targets", "q_proj", "v_prj", "--full"]) == 0

@@ -554,3 +554,29 @@ def test_hub_ids_for_base_and_adapter_read_the_cache_offline(llama_dir, tmp_path
         li.load_adapter(_fresh(llama_dir), "me/not-cached", **kw)
     with pytest.raises(li.AdapterFileError, match="revision"):
         li.load_adapter(_fresh(llama_dir), "me/tiny-adapter", revision="v2", **kw)
+
+
+# ----- scaled embeddings (Gemma 3's embed_scale) -----------------------------------------------------
+class ScaledEmbedding(nn.Embedding):
+    """As transformers' Gemma3TextScaledWordEmbedding: the lookup times a fixed scale."""
+
+    def __init__(self, *args, embed_scale=1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("embed_scale", torch.tensor(embed_scale), persistent=False)
+
+    def forward(self, ids):
+        return super().forward(ids) * self.embed_scale.to(self.weight.dtype)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_scaled_embeddings_scale_the_update_like_peft_and_merge_consistently(dora, tmp_path):
+    base = nn.Sequential(ScaledEmbedding(50, 16, embed_scale=4.0), nn.Linear(16, 8))
+    ours = li.inject(copy.deepcopy(base), targets=["0"], r=4, dora=dora)
+    randomize_adapters(ours)
+    li.save_adapter(ours, tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a")
+    x = torch.randint(0, 50, (3, 5))
+    with torch.no_grad():
+        expected = ours(x)
+        torch.testing.assert_close(expected, theirs(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(li.merge_and_unload(ours)(x), expected, atol=1e-5, rtol=1e-5)
