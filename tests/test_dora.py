@@ -317,3 +317,32 @@ def test_merge_refuses_non_finite_dora_results():
     with pytest.raises(li.MergeError, match="DoRA"):
         li.merge(model)
     assert torch.equal(model.model.layers[0].self_attn.q_proj.base_layer.weight, before)
+
+
+def test_a_zero_magnitude_entry_still_gets_its_exact_gradient(tmp_path):
+    """The fused path recovers the unscaled product from the output, which a zero magnitude erases:
+    such a layer keeps the product itself instead."""
+    base, ours, x, out = _trained_dora("llama_linear_embedding_head")
+    with torch.no_grad():
+        ours.model.layers[0].self_attn.q_proj.lora_magnitude_vector["default"].weight[3] = 0.0
+    li.save_adapter(ours, tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", is_trainable=True)
+    out(ours(x)).square().sum().backward()
+    out(theirs(x)).square().sum().backward()
+    peft_grads = _grads(theirs, "base_model.model.")
+    for key, grad in _grads(ours).items():
+        torch.testing.assert_close(grad, peft_grads[key], atol=1e-5, rtol=1e-4, msg=key)
+    assert ours.model.layers[0].self_attn.q_proj.lora_magnitude_vector["default"].weight.grad[3] != 0
+
+
+def test_saves_at_most_three_quarters_of_what_peft_dora_saves():
+    from test_fast_paths import _saved_storage_bytes
+
+    base = tiny_llama(hidden_size=64, intermediate_size=128)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    ours = li.inject(copy.deepcopy(base), targets=targets, r=8, dora=True).train()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=8, target_modules=targets, use_dora=True))
+    ids = torch.randint(0, 100, (4, 64))
+    ours_bytes = _saved_storage_bytes(lambda: ours(input_ids=ids, labels=ids), exclude=ours)
+    peft_bytes = _saved_storage_bytes(lambda: theirs.train()(input_ids=ids, labels=ids), exclude=theirs)
+    assert ours_bytes <= 0.75 * peft_bytes, (ours_bytes, peft_bytes)

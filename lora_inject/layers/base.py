@@ -236,7 +236,7 @@ class LoraLayer(nn.Module):
         lr=1e-4). The base layer converts as asked. Adapters created in half precision on purpose
         (``adapter_dtype=torch.bfloat16``) stay as they are.
         """
-        for cache in ("_dora_squared", "_dora_kept", "_dora_fast"):  # they hold the old tensors
+        for cache in ("_dora_squared", "_dora_kept", "_dora_fast", "_dora_nonzero"):  # they hold the old tensors
             self.__dict__.pop(cache, None)
         keep = {
             id(t) for name in self.r for p in self.adapter_parameters(name) if p.dtype == torch.float32
@@ -462,7 +462,7 @@ class LoraLayer(nn.Module):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for cache in ("_frozen", "_dora_squared", "_dora_kept", "_dora_fast"):  # derived; hold the model's tensors
+        for cache in ("_frozen", "_dora_squared", "_dora_kept", "_dora_fast", "_dora_nonzero"):  # derived caches
             state.pop(cache, None)
         return state
 

@@ -167,3 +167,37 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_bias and ctx.has_bias:
             grad_bias = grad_y.sum(0)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
+
+
+def dora_scale(z: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``z * g + bias`` for DoRA's row scale g (out,) on z (..., out), saving the *output* for backward.
+
+    The magnitude's gradient needs z; z is recovered in backward as ``(y - bias) / g``. The
+    output is what the next layer keeps anyway where it saves its input (SiLU, the gated
+    product, attention's values), so those layers' DoRA costs no extra saved memory. Only
+    for g without zeros (a zero magnitude entry loses z): the caller checks.
+    """
+    if torch.is_grad_enabled() and (z.requires_grad or g.requires_grad):
+        return DoraScaleFunction.apply(z, g, bias)
+    y = z * g
+    return y if bias is None else y + bias
+
+
+class DoraScaleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, g, bias):
+        y = z * g if bias is None else torch.addcmul(bias, z, g)
+        ctx.save_for_backward(y, g, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor) -> tuple:
+        y, g, bias = ctx.saved_tensors
+        grad_z = grad_y * g if ctx.needs_input_grad[0] else None
+        grad_g = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            unscaled = y if bias is None else y - bias  # g * z
+            grad_g = (grad_y * unscaled).reshape(-1, y.shape[-1]).sum(0) / g
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = grad_y.reshape(-1, y.shape[-1]).sum(0)
+        return grad_z, grad_g, grad_bias

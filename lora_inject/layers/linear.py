@@ -12,7 +12,15 @@ from torch.compiler import is_compiling
 from .base import LoraLayer, resize_parameter
 from .dora import DoraEntry
 from .dropout import dropped_projection
-from .fused import DIRECT_TYPES, allow_direct, autocast_enabled, frozen_lora_linear, hooks_on, lora_linear
+from .fused import (
+    DIRECT_TYPES,
+    allow_direct,
+    autocast_enabled,
+    dora_scale,
+    frozen_lora_linear,
+    hooks_on,
+    lora_linear,
+)
 
 
 class LoraLinear(LoraLayer):
@@ -101,9 +109,22 @@ class LoraLinear(LoraLayer):
             wt, at, bt = self._frozen_operands(weight, transposed, a, b, x.dtype)
             y = frozen_lora_linear(x, wt, at, bt, None, entry.scale).mul_(self._kept_dora_scale(entry, weight, a, b, x))
             return y if bias is None else y.add_(bias)
-        y = lora_linear(x, weight.t() if transposed else weight, None, a, b, entry.scale) * self._dora_scale(
-            entry.name, x.dtype)
-        return y if bias is None else y + bias
+        z = lora_linear(x, weight.t() if transposed else weight, None, a, b, entry.scale)
+        g = self._dora_scale(entry.name, x.dtype)
+        if not is_compiling() and self._magnitude_has_no_zero(entry.name):
+            return dora_scale(z, g, bias)
+        return z * g if bias is None else z * g + bias
+
+    def _magnitude_has_no_zero(self, name: str) -> bool:
+        """Whether m has no zero entry (then :func:`dora_scale` may recover z from the output); checked
+        once per change of m (one small reduction per optimizer step)."""
+        m = self.lora_magnitude_vector._modules[name]._parameters["weight"]
+        state = (m.data_ptr(), m._version)
+        kept = self.__dict__.setdefault("_dora_nonzero", {}).get(name)
+        if kept is None or kept[0] is not m or kept[1] != state:
+            kept = (m, state, bool((m != 0).all()))
+            self.__dict__["_dora_nonzero"][name] = kept
+        return kept[2]
 
     def _kept_dora_scale(self, entry: DoraEntry, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                          x: torch.Tensor) -> torch.Tensor:
