@@ -47,8 +47,9 @@ def fsdp1_auto_wrap_policy(model: nn.Module, transformer_layer_cls: Iterable[typ
     base flattens separately, and gradient memory matches the trainable size. Pass the
     decoder layer class (e.g. ``{LlamaDecoderLayer}``) to also wrap layer by layer.
     Covered: Linear/Conv1D adapters and ``modules_to_save`` copies. Embedding and conv
-    adapters, and biases trained with ``bias="all"``/``"lora_only"``, sit in frozen units:
-    use ``use_orig_params=True`` for those.
+    adapters, DoRA magnitudes (read outside their own module's forward, so they cannot be
+    units of their own), and biases trained with ``bias="all"``/``"lora_only"``, sit in frozen
+    units: use ``use_orig_params=True`` for those.
     """
     from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
 

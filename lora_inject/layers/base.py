@@ -199,6 +199,9 @@ class LoraLayer(nn.Module):
             del getattr(self, container)[name]
         del self.lora_dropout[name], self.r[name], self.lora_alpha[name], self.scaling[name]
         self.use_dora.pop(name, None)
+        for cache in ("_dora_kept", "_dora_nonzero"):
+            self.__dict__.get(cache, {}).pop(name, None)
+        self.__dict__.pop("_dora_fast", None)
         self.set_active([a for a in self.active_adapters if a != name])
 
     def adapter_parameters(self, name: str) -> Iterable[nn.Parameter]:
