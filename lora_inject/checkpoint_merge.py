@@ -126,6 +126,8 @@ def plan_edits(config: LoraConfig, tensors: dict[str, torch.Tensor], fan_in_fan_
             edits[f"{path}.weight"].magnitude = tensor
             handled.add(key)
     for key, tensor in tensors.items():
+        if ".modules_to_save." in key or ".original_module." in key:
+            continue  # PEFT's bias="all" copies: the trained copy's bias is also under its plain key
         if key not in handled:
             # lora_only biases and PEFT's saved embedding weight live under base_layer
             edits.setdefault(key.replace(".base_layer.", "."), Edit()).replacement = tensor

@@ -72,8 +72,9 @@ def save_pretrained(
     subfolder named after it. Never the base weights (for a full model: ``merge_and_unload`` first).
 
     ``state_dict`` (given by Trainer under DeepSpeed/FSDP) supplies gathered values; ``is_main_process``
-    False writes nothing. Other ``save_pretrained`` arguments (``safe_serialization``, ``max_shard_size``,
-    ...) do not apply: adapter files are always one safetensors file. Reload with
+    False writes nothing; ``save_embedding_layers`` as in :func:`lora_inject.save_adapter`. Other
+    ``save_pretrained`` arguments (``safe_serialization``, ``max_shard_size``, ...) do not apply: adapter
+    files are always one safetensors file. Reload with
     ``lora_inject.from_pretrained(folder)``, ``PeftModel.from_pretrained`` or ``AutoPeftModelFor...``.
     """
     from .io import adapter_tensors, write_adapter
@@ -83,10 +84,12 @@ def save_pretrained(
         _require_adapter(self, name)
     if state_dict is None:
         check_not_sharded(self, "save the adapter")
+    embedding_layers = kwargs.pop("save_embedding_layers", "auto")
     if is_main_process:
         for name in names:
             folder = Path(save_directory) if name == "default" else Path(save_directory) / name
-            write_adapter(self, folder, name, adapter_tensors(self, name, full_state=state_dict))
+            tensors = adapter_tensors(self, name, full_state=state_dict, save_embedding_layers=embedding_layers)
+            write_adapter(self, folder, name, tensors)
     if push_to_hub:
         repo_id = kwargs.pop("repo_id", None) or Path(save_directory).name
         keep = ("token", "commit_message", "private", "revision", "create_pr")

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoraConfig
-from .errors import AdapterFileError, LoraInjectError, preview
+from .errors import AdapterFileError, ConfigError, LoraInjectError, preview
 from .guards import SHARDED_LOAD, check_not_distributed, check_not_sharded, unwrap
 from .hub import adapter_folder, missing_path_error
 from .inject import (
@@ -36,7 +36,7 @@ from .inject import (
     require_new_adapter,
 )
 from .layers import LoraLayer, ModulesToSave
-from .peft_format import PEFT_PREFIX, disk_key, from_peft_dict, to_peft_dict
+from .peft_format import IGNORED_KEY_SUFFIXES, PEFT_PREFIX, disk_key, from_peft_dict, to_peft_dict
 from .plan import Plan, PlannedLayer, logical_modules, resolve
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -46,12 +46,15 @@ CONFIG_NAME = "adapter_config.json"
 
 # ----- saving -------------------------------------------------------------------------------
 def adapter_tensors(
-    model: nn.Module, adapter: str = "default", full_state: dict[str, torch.Tensor] | None = None
+    model: nn.Module,
+    adapter: str = "default",
+    full_state: dict[str, torch.Tensor] | None = None,
+    save_embedding_layers: bool | str = "auto",
 ) -> dict[str, torch.Tensor]:
     """The adapter's tensors keyed as in PEFT's files (``base_model.model.<path>.lora_A.weight``).
 
     ``full_state`` (keys as in ``model.state_dict()``) supplies the values instead of the model,
-    e.g. tensors gathered from a sharded model.
+    e.g. tensors gathered from a sharded model. ``save_embedding_layers`` as in :func:`save_adapter`.
     """
     out = {}
     for key, tensor in adapter_state(model, adapter).items():
@@ -65,16 +68,40 @@ def adapter_tensors(
                 "then reset_adapters) before saving."
             )
         out[PEFT_PREFIX + disk_key(key, adapter)] = tensor.detach().to("cpu").contiguous().clone()
-    for key, tensor in _carried_weights(model, full_state).items():
+    for key, tensor in _carried_weights(model, full_state, _embedding_paths(model, save_embedding_layers)).items():
         out.setdefault(PEFT_PREFIX + key, tensor.detach().to("cpu").contiguous().clone())
     return out
 
 
-def _carried_weights(model: nn.Module, full_state: dict | None) -> dict[str, torch.Tensor]:
-    """Full base weights that travel with the adapter (a resized vocabulary, or weights an adapter file
-    brought in), under PEFT's keys: ``<path>.base_layer.weight`` for a wrapped layer, else ``<path>.weight``."""
+def _embedding_paths(model: nn.Module, mode: bool | str) -> set[str]:
+    """The module paths whose full weight is written: ``"auto"`` those that travel with the adapter,
+    ``True`` also the input and (untied) output embeddings, ``False`` none (said out loud if some travel)."""
+    if mode not in (True, False, "auto"):
+        raise ConfigError(f"save_embedding_layers must be True, False or 'auto'; got {mode!r}.")
+    carried = set(carried_paths(model))
+    if mode is False:
+        if carried:
+            warnings.warn(
+                f"save_embedding_layers=False: the weights of {sorted(carried)} (resized with "
+                "resize_token_embeddings, or brought in by a loaded adapter) are not saved; the adapter will not "
+                "reproduce this model on the original base.", stacklevel=4,
+            )
+        return set()
+    if mode is True:
+        weights: list[torch.Tensor] = []
+        for path, module in _embedding_modules(model):
+            wrapper = model.get_submodule(path)
+            if not isinstance(wrapper, ModulesToSave) and all(module.weight is not w for w in weights):
+                carried.add(path)
+            weights.append(module.weight)
+    return carried
+
+
+def _carried_weights(model: nn.Module, full_state: dict | None, paths: set[str]) -> dict[str, torch.Tensor]:
+    """Full base weights written with the adapter (a resized or changed vocabulary, or weights an adapter
+    file brought in), under PEFT's keys: ``<path>.base_layer.weight`` for a wrapped layer, else ``<path>.weight``."""
     out = {}
-    for path in sorted(carried_paths(model)):
+    for path in sorted(paths):
         module = model.get_submodule(path)
         key = f"{path}.base_layer.weight" if isinstance(module, LoraLayer) else f"{path}.weight"
         tensor = module.weight if full_state is None else full_state.get(key)
@@ -87,18 +114,27 @@ def _carried_weights(model: nn.Module, full_state: dict | None) -> dict[str, tor
     return out
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = "default") -> Path:
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike, adapter: str = "default", *,
+    save_embedding_layers: bool | str = "auto",
+) -> Path:
     """Write ``adapter`` to ``directory`` as PEFT does; returns the folder.
 
     Only adapter tensors are written (plus ``modules_to_save`` and trained biases), never the
-    base weights. An interrupted save leaves any previous adapter in the folder intact.
+    base weights, except the input/output embedding weights where they must travel with the
+    adapter, as PEFT's ``save_embedding_layers``: ``"auto"`` (default) when the vocabulary was
+    resized after inject or a loaded adapter file brought them; ``True`` always (a vocabulary you
+    changed yourself); ``False`` never (warned if they would have travelled).
+    An interrupted save leaves any previous adapter in the folder intact.
     A compiled (``torch.compile``) or DDP-wrapped model saves as the model inside it. For
     sharded (FSDP2) models use :func:`lora_inject.distributed.save_adapter` on every rank.
     """
     check_not_sharded(model, "save the adapter")
     model = unwrap(model)
     _require_adapter(model, adapter)
-    return write_adapter(model, directory, adapter, adapter_tensors(model, adapter))
+    return write_adapter(
+        model, directory, adapter, adapter_tensors(model, adapter, save_embedding_layers=save_embedding_layers)
+    )
 
 
 def write_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str, tensors: dict) -> Path:
@@ -226,8 +262,13 @@ def _expected(model: nn.Module, resolved: Plan, config: LoraConfig) -> tuple[dic
     for path in resolved.modules_to_save:
         module = model.get_submodule(path)
         original = getattr(module, "original_module", module)
-        for key, value in original.state_dict().items():
+        for key, value in original.state_dict(keep_vars=True).items():
             required[f"{path}.{key}"] = (tuple(value.shape), ("save", path, key))
+            if config.bias == "all" and key.rpartition(".")[2] == "bias":
+                # PEFT's bias="all" also writes every bias under its wrapper name: the copy's (the same
+                # tensor as above) and the original module's (used while adapters are disabled)
+                optional[f"{path}.modules_to_save.{key}"] = (tuple(value.shape), ("save", path, key))
+                optional[f"{path}.original_module.{key}"] = (tuple(value.shape), ("tensor", value))
     if config.bias == "all":
         for path, module, wrapper in logical_modules(model):
             bias = getattr(module, "bias", None)
@@ -272,7 +313,8 @@ def _check_tensors(
     model: nn.Module, tensors: dict, required: dict, optional: set, config: LoraConfig, strict: bool, where: str
 ) -> None:
     missing = sorted(required.keys() - tensors.keys())
-    unexpected = sorted(tensors.keys() - required.keys() - optional.keys())
+    unexpected = sorted(k for k in tensors.keys() - required.keys() - optional.keys()
+                        if not k.endswith(IGNORED_KEY_SUFFIXES))
     known = {**optional, **required}
     mismatched = [
         f"{k}: file {tuple(tensors[k].shape)}, model expects {known[k][0]}"
@@ -288,6 +330,14 @@ def _check_tensors(
             f"{where}: the file names modules this model does not have: {preview(unexpected)}. The adapter was "
             "probably trained on another architecture; load it into the model it was made for."
         )
+    carrying = [k for k in unexpected if ".lora_" in k]
+    if carrying:
+        raise AdapterFileError(
+            f"{where}: adapter tensors that the config does not account for: {preview(carrying)}. They are part of "
+            "what the adapter computes (a LoRA variant lora_inject does not implement, or factors for modules the "
+            "config does not target), so the file is refused even with strict=False: dropping them would load "
+            "another model."
+        )
     _check_magnitudes(tensors, missing, where)
     if mismatched:
         hint = _vocabulary_hint(model, tensors, known) or _rank_hint(tensors, required, config)
@@ -300,7 +350,8 @@ def _check_tensors(
     if problems and strict:
         raise AdapterFileError(
             f"{where}: " + "; ".join(problems) + ". The file and its config disagree. Pass strict=False to load "
-            "anyway (missing adapters start at their init, i.e. no change; unexpected tensors are ignored)."
+            "anyway (missing adapters start at their init, i.e. no change; unexpected tensors that are not adapter "
+            "factors are ignored)."
         )
     if problems:
         warnings.warn(f"{where}: " + "; ".join(problems) + ".", stacklevel=3)

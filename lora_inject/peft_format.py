@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 from typing import Any
 
 from torch import nn
@@ -22,17 +23,39 @@ PEFT_PREFIX = "base_model.model."
 LORA_CONTAINERS = (
     "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "modules_to_save",
 )
-# PEFT features that change what an adapter computes and that lora_inject does not implement
-_UNSUPPORTED = {
-    "lora_bias": "a trainable bias on lora_B",
-    "target_parameters": "LoRA on raw nn.Parameters",
-    "trainable_token_indices": "trainable token embeddings",
+# Every field of PEFT's LoRA adapter_config.json (0.21), and what loading does with it; README.md
+# lists the same. READ: becomes a LoraConfig field. IGNORED: cannot change what a loaded adapter
+# computes (bookkeeping, or how training initialised or compressed it). REFUSED: changes the
+# math and is not implemented here; loading it as plain LoRA would compute another model.
+READ_FIELDS = (
+    "r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+    "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "bias", "modules_to_save", "init_lora_weights",
+    "base_model_name_or_path", "task_type", "use_dora",
+)
+IGNORED_FIELDS = (
+    "peft_type", "auto_mapping", "peft_version", "revision", "inference_mode", "fan_in_fan_out", "megatron_core",
+    "qalora_group_size", "eva_config", "corda_config", "lora_ga_config", "loftq_config", "runtime_config",
+    "velora_config",  # VeLoRA compresses activations in training only; its buffers are ignored by rule below
+    "ensure_weight_tying",
+)
+REFUSED_FIELDS = {
+    "lora_bias": "a trainable bias on lora_B (lora_bias)",
+    "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
+    "target_parameters": "LoRA on nn.Parameters such as fused MoE experts (target_parameters)",
     "layer_replication": "layer replication",
-    "use_alora": "activated LoRA",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_alora": "activated LoRA (aLoRA)",
     "use_qalora": "QA-LoRA",
+    "kasa_config": "KaSA (a singular-value diagonal between A and B)",
+    "monteclora_config": "MonteCLoRA (sampled mixtures of A)",
+    "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
+    "arrow_config": "Arrow routing between adapters",
+    "megatron_config": "Megatron tensor-parallel LoRA layers",
 }
+# tensors some PEFT variants save that cannot change what a loaded adapter computes
+IGNORED_KEY_SUFFIXES = (".lora_velora_embed",)
 # inits that change the *base* weights, so the saved adapter alone does not reproduce the model
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 def disk_key(memory_key: str, adapter: str) -> str:
@@ -208,6 +231,30 @@ def _exclude_from_peft(value: Any) -> Any:
     return value
 
 
+def _refuse_unimplemented(data: dict, source: str) -> None:
+    """Refuse, by name, every set field whose math lora_inject does not implement; warn about fields it does
+    not know (a newer PEFT), refusing those that look like a new variant (``use_*``, ``*_config``) when set."""
+    for key, what in REFUSED_FIELDS.items():
+        if data.get(key):
+            raise AdapterFileError(
+                f"{source}: {key}={data[key]!r} asks for {what}, which lora_inject does not implement; loading it "
+                "as plain LoRA would compute another model. Load it with PEFT instead."
+            )
+    unknown = sorted(set(data) - set(READ_FIELDS) - set(IGNORED_FIELDS) - set(REFUSED_FIELDS))
+    variants = [k for k in unknown if data[k] and (k.startswith("use_") or k.endswith("_config"))]
+    if variants:
+        raise AdapterFileError(
+            f"{source}: {', '.join(f'{k}={data[k]!r}' for k in variants)}: fields this version of lora_inject does "
+            "not know, which look like a LoRA variant (from a newer PEFT). Loading them as plain LoRA could compute "
+            "another model; load the adapter with PEFT, or upgrade lora_inject."
+        )
+    if unknown:
+        warnings.warn(
+            f"{source}: fields lora_inject does not know (from a newer PEFT?), ignored: {', '.join(unknown)}.",
+            stacklevel=4,
+        )
+
+
 def from_peft_dict(data: Any, source: str = "adapter_config.json") -> LoraConfig:
     """A :class:`LoraConfig` from PEFT's config fields; refuses what would load wrong."""
     if not isinstance(data, dict):
@@ -217,12 +264,7 @@ def from_peft_dict(data: Any, source: str = "adapter_config.json") -> LoraConfig
         raise AdapterFileError(
             f"{source}: peft_type is {peft_type!r}; lora_inject reads LoRA adapters only (peft_type 'LORA')."
         )
-    for key, what in _UNSUPPORTED.items():
-        if data.get(key):
-            raise AdapterFileError(
-                f"{source}: {key}={data[key]!r} asks for {what}, which lora_inject does not implement; "
-                "loading it as plain LoRA would compute something else. Load it with PEFT instead."
-            )
+    _refuse_unimplemented(data, source)
     init = data.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         raise AdapterFileError(
