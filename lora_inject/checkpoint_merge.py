@@ -58,6 +58,12 @@ class Edit:
         Returns whether the shape decided the layout (a square weight cannot).
         """
         out_features, in_features = self.b.shape[0], self.a.shape[1]
+        if self.kind == "conv" and self.b.shape[1] != self.a.shape[0]:
+            raise MergeError(
+                f"{key}: the adapter's B is grouped ({self.a.shape[0]} // {self.b.shape[1]} groups): a LoRA on a "
+                "grouped conv makes a dense update that the grouped weight cannot hold, so it cannot be merged "
+                "(PEFT cannot either). Serve the adapter unmerged."
+            )
         if self.kind == "conv":
             expected = {(out_features, in_features, *self.a.shape[2:])}
         elif self.is_embedding:

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from .errors import MergeError
 from .guards import check_not_distributed, unwrap
 from .inject import _STATE_ATTR, _adapter_modules, _require_adapter, _set_submodule, lora_layers
 from .layers import LoraLayer
@@ -27,6 +28,10 @@ def merge(model: nn.Module, adapters: str | Iterable[str] | None = None, *, safe
     for name in names or ():
         _require_adapter(model, name)
     layers = [layer for _, layer in lora_layers(model)]
+    for path, layer in lora_layers(model):  # before anything is written: never a half-merged model
+        wanted = names if names is not None else layer.active_adapters
+        if layer.merge_refusal() and any(n in layer.r and n not in layer.merged_adapters for n in wanted):
+            raise MergeError(f"{path}: {layer.merge_refusal()}")
     _untie_shared_weights(model, layers)
     if safe:
         for layer in layers:

@@ -176,6 +176,20 @@ def test_merge_refusals(tmp_path, capsys):
     assert not [n for n in os.listdir(tmp_path) if ".partial-" in n or ".old-" in n]
 
 
+def test_merge_refuses_a_grouped_conv_adapter_before_writing(tmp_path, capsys):
+    from safetensors.torch import save_file
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(8, 12, 3, groups=4), nn.Flatten(), nn.Linear(12, 2))
+    (tmp_path / "base").mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "base" / "model.safetensors")
+    li.inject(model, targets=["0", "2"], r=8)
+    li.save_adapter(model, tmp_path / "adapter")
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out")]) == 2
+    assert "grouped conv makes a dense update" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_merge_refuses_tied_embedding_and_foreign_adapter(tmp_path, capsys):
     gpt2 = tiny_gpt2()
     gpt2.save_pretrained(tmp_path / "gpt2")

@@ -187,7 +187,7 @@ def test_failed_injection_leaves_model_unchanged():
     model = ConvNet()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(li.UnsupportedModuleError):
-        li.inject(model, targets=["stem", "depthwise"])  # second one is grouped
+        li.inject(model, targets=["stem", "depthwise"], r=4)  # the second has 8 groups: r must be a multiple of 8
     assert type(model.stem) is nn.Conv2d
     assert model.state_dict().keys() == before.keys()
     assert all(p.requires_grad for p in model.parameters())

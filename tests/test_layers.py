@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Holder
+from conftest import Holder, randomize_adapters
 from torch import nn
 
 import lora_inject as li
@@ -329,11 +330,52 @@ def test_fp16_overflow_is_caught_by_safe_merge():
         li.merge(model)
 
 
-def test_grouped_conv_refused_with_advice():
+def test_grouped_conv_needs_a_rank_divisible_by_its_groups():
     model = Holder(nn.Conv2d(4, 4, 3, groups=2))
-    with pytest.raises(li.UnsupportedModuleError, match="groups=2.*exclude"):
-        li.inject(model, targets=["layer"])
+    with pytest.raises(li.UnsupportedModuleError, match="groups=2.*divisible by 2.*r=3"):
+        li.inject(model, targets=["layer"], r=3)
     assert type(model.layer) is nn.Conv2d
+    with pytest.raises(li.UnsupportedModuleError, match="DoRA cannot adapt"):
+        li.inject(model, targets=["layer"], r=2, dora=True)
+    assert type(model.layer) is nn.Conv2d
+
+
+class GroupedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.grouped = nn.Conv2d(8, 12, 3, padding=1, groups=4)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(self.grouped(x).mean(dim=(2, 3)))
+
+
+def test_grouped_conv_lora_runs_trains_and_loads_as_peft_and_refuses_to_merge(tmp_path):
+    """PEFT's layout: A (r, in, k, k) over all input channels, B (out, r/groups, 1, 1) grouped."""
+    peft = pytest.importorskip("peft")
+    base = GroupedNet().eval()
+    ours = li.inject(copy.deepcopy(base), targets=["grouped", "head"], r=8, alpha=4)
+    layer = ours.grouped
+    assert layer.lora_B["default"].weight.shape == (12, 2, 1, 1)
+    randomize_adapters(ours)
+    x = torch.randn(2, 8, 6, 6)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    expected = base.grouped(x) + layer.scaling["default"] * F.conv2d(F.conv2d(x, a, padding=1), b, groups=4)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    li.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours", is_trainable=True)
+    torch.testing.assert_close(theirs(x), ours(x), atol=1e-5, rtol=1e-5)
+    ours(x).square().sum().backward()
+    theirs(x).square().sum().backward()
+    torch.testing.assert_close(a.grad, theirs.base_model.model.grouped.lora_A["default"].weight.grad,
+                               atol=1e-5, rtol=1e-4)
+    theirs.save_pretrained(tmp_path / "peft")
+    back = li.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(back(x), ours(x), atol=1e-6, rtol=1e-6)
+    head_before = ours.head.base_layer.weight.clone()
+    with pytest.raises(li.MergeError, match="grouped.*groups=4.*dense kernel"):
+        li.merge_and_unload(ours, safe=False)
+    assert torch.equal(ours.head.base_layer.weight, head_before) and not ours.head.merged_adapters  # nothing merged
 
 
 def test_embedding_with_max_norm_refused():

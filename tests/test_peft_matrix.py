@@ -70,6 +70,17 @@ class Conv2dGroups(nn.Module):
         return self.sm(self.lin1(self.flat(self.relu(self.conv2d(x)))))
 
 
+class Conv2dGroups2(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv2d, self.relu, self.flat = nn.Conv2d(16, 32, 3, padding=1, groups=2), nn.ReLU(), nn.Flatten()
+        self.lin0, self.sm = nn.Linear(12800, 2), nn.LogSoftmax(dim=-1)
+
+    def forward(self, x):  # as PEFT's: a fixed input of its own
+        x = torch.arange(9 * 16 * 20 * 20).view(9, 16, 20, 20).float() / 1e5
+        return self.sm(self.lin0(self.flat(self.relu(self.conv2d(x)))))
+
+
 class Conv3dNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -92,7 +103,7 @@ class Mha(nn.Module):
 
 
 MODELS = {"MLP": MLP, "EmbConv1D": EmbConv1D, "Conv1d": Conv1dNet, "Conv2d": Conv2dNet,
-          "Conv2dGroups": Conv2dGroups, "Conv3d": Conv3dNet, "MHA": Mha}
+          "Conv2dGroups": Conv2dGroups, "Conv2dGroups2": Conv2dGroups2, "Conv3d": Conv3dNet, "MHA": Mha}
 
 LOADS = [  # (PEFT's case name, model, config)
     ("Vanilla MLP 1 LoRA", "MLP", {"target_modules": "lin0"}),
@@ -142,7 +153,12 @@ REFUSALS = [  # (PEFT's case name, model, config, what the refusal names)
      "monteclora_config"),
     ("BD-LoRA both A and B", "MLP", {"target_modules": ["lin0", "lin1"], "use_bdlora": {
         "target_modules_bd_a": ["lin0"], "target_modules_bd_b": ["lin1"], "nblocks": 2}}, "use_bdlora"),
-    ("Conv2d Groups LoRA", "Conv2dGroups", {"target_modules": ["conv2d"]}, "groups=8"),
+    ("Conv2d Groups LoRA with DoRA", "Conv2dGroups", {"target_modules": ["conv2d"], "use_dora": True}, "DoRA"),
+    ("Conv2d Groups2 LoRA with DoRA", "Conv2dGroups2", {"target_modules": ["conv2d"], "use_dora": True}, "DoRA"),
+]
+GROUPED = [
+    ("Conv2d Groups LoRA", "Conv2dGroups", {"target_modules": ["conv2d"]}),
+    ("Conv2d Groups2 LoRA", "Conv2dGroups2", {"target_modules": ["conv2d"]}),
 ]
 
 SUBCONFIGS = {"velora_config": "VeloraConfig", "monteclora_config": "MontecloraConfig", "use_bdlora": "BdLoraConfig"}
@@ -184,6 +200,25 @@ def test_peft_case_loads_merges_and_round_trips(name, model_id, config, tmp_path
         back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
         torch.testing.assert_close(back(x), expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(li.merge_and_unload(ours)(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, model_id, config", GROUPED, ids=[case[0] for case in GROUPED])
+def test_peft_grouped_conv_case_loads_and_round_trips_and_its_merge_is_refused(name, model_id, config, tmp_path):
+    """PEFT trains LoRA on grouped convs with A over all input channels: a dense update, unmergeable into
+    the grouped weight (PEFT raises NotImplementedError); here it runs unmerged and merging says why."""
+    base, theirs = _peft_model(model_id, config)
+    theirs.save_pretrained(tmp_path / "peft")
+    x = _inputs(model_id)
+    ours = li.load_adapter(copy.deepcopy(base), tmp_path / "peft").eval()
+    with torch.no_grad():
+        expected = theirs(x)
+        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
+        li.save_adapter(ours, tmp_path / "ours")
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+        torch.testing.assert_close(back(x), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(li.MergeError, match="groups=.*cannot be merged"):
+        li.merge_and_unload(ours)
+    torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("strict", [True, False])

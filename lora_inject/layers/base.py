@@ -70,6 +70,10 @@ class LoraLayer(nn.Module):
         p = self.lora_dropout[name] if dropout is None else dropout
         return (*(getattr(self, c)[name] for c in self.adapter_param_names), self.scaling[name], p)
 
+    def merge_refusal(self) -> str | None:
+        """Why this layer's adapters cannot be merged into its weight, or None (they can)."""
+        return None
+
     def _dora_rows(self, weight: torch.Tensor) -> torch.Tensor:
         """A weight-shaped tensor seen in DoRA's rows layout (R, C): one row per magnitude entry (a view)."""
         raise NotImplementedError
@@ -393,6 +397,8 @@ class LoraLayer(nn.Module):
         to W's dtype once, exactly ``(W.to(delta.dtype) + delta).to(W.dtype)`` without the temporaries.
         """
         names = list(self.active_adapters if names is None else names)
+        if names and self.merge_refusal():
+            raise MergeError(self.merge_refusal())
         done = []
         for name in names:
             if name in self.merged_adapters:

@@ -4,6 +4,11 @@ A is a conv with the base's kernel, stride, padding, dilation and padding mode (
 sees the same receptive field as the base); B is a 1x1 conv. Their product is
 therefore a kernel of the base's shape and merges exactly.
 
+Grouped convs (``groups=G``) follow PEFT's layout, the one in its files: A spans all input
+channels, B is grouped (``(out, r/G, 1, ...)``, r divisible by G). Their product is a dense
+kernel, which a grouped weight cannot hold, so such adapters train, load, save and run
+unmerged, and merging them is refused (PEFT cannot merge them either).
+
 Where no gradient is wanted (inference, evaluation under ``no_grad``), the kernel
 ``W + scale * B @ A`` is built on the fly and one conv runs: forming it costs
 ``out * r * in * k`` multiply-adds, once per call, while running A and B costs
@@ -35,22 +40,38 @@ class LoraConv(LoraLayer):
     """Shapes: x (N, in, *spatial); A (r, in, *kernel); B (out, r, 1, ..., 1)."""
 
     def __init__(self, base_layer: nn.Module) -> None:
-        if base_layer.groups != 1:
-            raise UnsupportedModuleError(
-                f"{type(base_layer).__name__} with groups={base_layer.groups} is not supported: a low-rank "
-                "update over all input channels cannot be folded into a grouped kernel, so it could never be "
-                "merged (PEFT cannot merge it either). Leave grouped/depthwise convs out with "
-                "exclude=[...] or target only the pointwise (groups=1) convs."
-            )
         super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
 
     def factor_shapes(self, r: int) -> dict[str, tuple[int, ...]]:
+        groups = self.base_layer.groups
+        if r % groups:
+            raise UnsupportedModuleError(
+                f"LoRA on a {type(self.base_layer).__name__} with groups={groups} needs a rank divisible by {groups} "
+                f"(B is grouped like the base, as PEFT lays it out); got r={r}. Pick r as a multiple of {groups}, "
+                "e.g. with rank_pattern, or leave this conv out."
+            )
         kernel = tuple(self.base_layer.weight.shape[2:])
         ones = (1,) * len(kernel)
-        return {"lora_A.weight": (r, self.in_features, *kernel), "lora_B.weight": (self.out_features, r, *ones)}
+        return {
+            "lora_A.weight": (r, self.in_features, *kernel), "lora_B.weight": (self.out_features, r // groups, *ones)
+        }
+
+    @property
+    def supports_dora(self) -> bool:
+        return self.base_layer.groups == 1
+
+    def merge_refusal(self) -> str | None:
+        groups = self.base_layer.groups
+        if groups == 1:
+            return None
+        return (
+            f"a LoRA on a {type(self.base_layer).__name__} with groups={groups} cannot be merged: its A spans all "
+            "input channels (PEFT's layout), so the update is a dense kernel that the grouped weight cannot hold "
+            "(PEFT cannot merge it either). Keep this adapter unmerged, or leave grouped convs out of the targets."
+        )
 
     def _create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
         base = self.base_layer
@@ -60,12 +81,12 @@ class LoraConv(LoraLayer):
             self.in_features, r, base.kernel_size, stride=base.stride, padding=base.padding,
             dilation=base.dilation, padding_mode=base.padding_mode, bias=False, dtype=dtype, device=device,
         )
-        self.lora_B[name] = conv_type(r, self.out_features, ones, bias=False, dtype=dtype, device=device)
+        self.lora_B[name] = conv_type(
+            r, self.out_features, ones, groups=base.groups, bias=False, dtype=dtype, device=device
+        )
 
     def _init_factors(self, name: str, init: bool | str) -> None:
         init_a_zero_b(self.lora_A[name].weight, self.lora_B[name].weight, self.r[name], init)
-
-    supports_dora = True
 
     def _dora_rows(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.flatten(1)  # (out, in * prod(kernel)), a view of the contiguous weight
@@ -108,7 +129,7 @@ class LoraConv(LoraLayer):
             return None
         if weight.dtype != x.dtype or not weight.is_contiguous() or _needs_grad(x, weight, base.bias, conv_a, conv_b):
             return None
-        if not (type(base) in _PLAIN_CONVS and type(conv_a) is type(base) and type(conv_b) is type(base)):
+        if base.groups != 1 or not (type(base) in _PLAIN_CONVS and type(conv_a) is type(base) is type(conv_b)):
             return None
         if hooks_on(base, conv_a, conv_b) or autocast_enabled(x):
             return None
