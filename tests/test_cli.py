@@ -89,12 +89,9 @@ def _checkpoint(tmp_path, kind, dtype=torch.float32, **extra):
     return cls
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
-@pytest.mark.parametrize("dtype", [None, "bf16"])
-def test_streaming_merge_is_bit_identical_to_merge_and_unload(kind, dtype, tmp_path):
-    cls = _checkpoint(tmp_path, kind)
-    shards = [n for n in os.listdir(tmp_path / "base") if n.endswith(".safetensors")]
-    assert len(shards) > 1  # really sharded
+def _merged_both_ways(tmp_path, cls, dtype):
+    """``lora-inject merge --verify`` of tmp_path's base and adapter, and merge_and_unload + save_pretrained
+    of the same; returns (the command's argv, its tensors, the reference's tensors), same keys."""
     argv = ["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"), "--verify"]
     assert main(argv + (["--dtype", dtype] if dtype else [])) == 0
     torch_dtype = torch.bfloat16 if dtype else torch.float32
@@ -102,6 +99,16 @@ def test_streaming_merge_is_bit_identical_to_merge_and_unload(kind, dtype, tmp_p
     li.merge_and_unload(reference).save_pretrained(tmp_path / "reference", max_shard_size="20KB")
     ours, theirs = read_all(tmp_path / "out"), read_all(tmp_path / "reference")
     assert ours.keys() == theirs.keys()
+    return argv, ours, theirs
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+def test_streaming_merge_is_bit_identical_to_merge_and_unload(kind, dtype, tmp_path):
+    cls = _checkpoint(tmp_path, kind)
+    shards = [n for n in os.listdir(tmp_path / "base") if n.endswith(".safetensors")]
+    assert len(shards) > 1  # really sharded
+    argv, ours, theirs = _merged_both_ways(tmp_path, cls, dtype)
     for key in theirs:
         assert ours[key].dtype == theirs[key].dtype, key
         assert torch.equal(ours[key], theirs[key]), key
@@ -126,13 +133,7 @@ def test_streaming_merge_of_dora_is_bit_identical_and_verified(kind, dtype, tmp_
         for _, layer in li.lora_layers(model):
             layer.lora_magnitude_vector["default"].weight.mul_(1.5)
         li.save_adapter(model, tmp_path / "adapter")
-    argv = ["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"), "--verify"]
-    assert main(argv + (["--dtype", dtype] if dtype else [])) == 0
-    torch_dtype = torch.bfloat16 if dtype else torch.float32
-    reference = li.from_pretrained(tmp_path / "base", tmp_path / "adapter", model_class=cls, dtype=torch_dtype)
-    li.merge_and_unload(reference).save_pretrained(tmp_path / "reference", max_shard_size="20KB")
-    ours, theirs = read_all(tmp_path / "out"), read_all(tmp_path / "reference")
-    assert ours.keys() == theirs.keys()
+    argv, ours, theirs = _merged_both_ways(tmp_path, cls, dtype)
     changed = [k for k in theirs if not torch.equal(theirs[k], read_all(tmp_path / "base").get(k, theirs[k]))]
     assert changed
     for key in theirs:

@@ -187,8 +187,9 @@ def _inputs(model_id):
     return torch.arange(90).view(9, 10) / 90.0
 
 
-@pytest.mark.parametrize("name, model_id, config", LOADS, ids=[case[0] for case in LOADS])
-def test_peft_case_loads_merges_and_round_trips(name, model_id, config, tmp_path):
+def _loaded_and_round_tripped(model_id, config, tmp_path):
+    """PEFT builds and saves the case; ours loads it (outputs equal PEFT's) and re-exports it, and PEFT
+    loads that back on a fresh base (outputs equal again). Returns (ours, input, PEFT's output)."""
     base, theirs = _peft_model(model_id, config)
     theirs.save_pretrained(tmp_path / "peft")
     x = _inputs(model_id)
@@ -199,6 +200,13 @@ def test_peft_case_loads_merges_and_round_trips(name, model_id, config, tmp_path
         li.save_adapter(ours, tmp_path / "ours")
         back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
         torch.testing.assert_close(back(x), expected, atol=1e-5, rtol=1e-5)
+    return ours, x, expected
+
+
+@pytest.mark.parametrize("name, model_id, config", LOADS, ids=[case[0] for case in LOADS])
+def test_peft_case_loads_merges_and_round_trips(name, model_id, config, tmp_path):
+    ours, x, expected = _loaded_and_round_tripped(model_id, config, tmp_path)
+    with torch.no_grad():
         torch.testing.assert_close(li.merge_and_unload(ours)(x), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -206,16 +214,7 @@ def test_peft_case_loads_merges_and_round_trips(name, model_id, config, tmp_path
 def test_peft_grouped_conv_case_loads_and_round_trips_and_its_merge_is_refused(name, model_id, config, tmp_path):
     """PEFT trains LoRA on grouped convs with A over all input channels: a dense update, unmergeable into
     the grouped weight (PEFT raises NotImplementedError); here it runs unmerged and merging says why."""
-    base, theirs = _peft_model(model_id, config)
-    theirs.save_pretrained(tmp_path / "peft")
-    x = _inputs(model_id)
-    ours = li.load_adapter(copy.deepcopy(base), tmp_path / "peft").eval()
-    with torch.no_grad():
-        expected = theirs(x)
-        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
-        li.save_adapter(ours, tmp_path / "ours")
-        back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
-        torch.testing.assert_close(back(x), expected, atol=1e-5, rtol=1e-5)
+    ours, x, expected = _loaded_and_round_tripped(model_id, config, tmp_path)
     with pytest.raises(li.MergeError, match="groups=.*cannot be merged"):
         li.merge_and_unload(ours)
     torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
