@@ -38,6 +38,7 @@ from .inject import (
 from .io import load_adapter, load_adapter_weights, read_adapter_config, read_adapter_tensors, save_adapter
 from .layers import LoraConv, LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, register
 from .merging import merge, merge_and_unload, unload, unmerge
+from .optim import loraplus_optimizer, loraplus_param_groups
 from .presets import preset
 
 __version__ = "0.1.0"
@@ -80,6 +81,8 @@ __all__ = [
     "load_adapter_weights",
     "lora_layers",
     "lora_state_dict",
+    "loraplus_optimizer",
+    "loraplus_param_groups",
     "merge",
     "merge_and_unload",
     "plan",

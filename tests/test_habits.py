@@ -580,3 +580,42 @@ def test_scaled_embeddings_scale_the_update_like_peft_and_merge_consistently(dor
         expected = ours(x)
         torch.testing.assert_close(expected, theirs(x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(li.merge_and_unload(ours)(x), expected, atol=1e-5, rtol=1e-5)
+
+
+# ----- LoRA+ ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dora", [False, True])
+def test_loraplus_groups_equal_peft_create_loraplus_optimizer(dora):
+    from conftest import tiny_bert
+    from peft.optimizers import create_loraplus_optimizer
+
+    base = tiny_bert()
+    kw = dict(r=4, target_modules=["query", "value", "word_embeddings"], modules_to_save=["classifier"],
+              bias="lora_only")
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(use_dora=dora, **kw))
+    ours = li.inject(copy.deepcopy(base), peft.LoraConfig(use_dora=dora, **kw))
+    peft_opt = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16,
+                                         loraplus_weight_decay=0.01)
+    ours_opt = li.loraplus_optimizer(ours, torch.optim.AdamW, lr=1e-3, ratio=16, weight_decay=0.01)
+
+    def by_name(model, optimizer, prefix=""):
+        names = {id(p): n.removeprefix(prefix) for n, p in model.named_parameters()}
+        return {names[id(p)]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+
+    got, want = by_name(ours, ours_opt), by_name(theirs, peft_opt, "base_model.model.")
+    assert got == want and len(got) > 10
+    assert {lr for lr, _ in got.values()} == {1e-3, 1.6e-2, 1e-6}
+
+
+def test_loraplus_trains_b_faster_in_a_trainer(tmp_path):
+    import transformers as t
+
+    model = li.inject(tiny_llama(), targets=["q_proj", "v_proj"], r=4)
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 100, (8, 8))]
+    args = t.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
+                               use_cpu=True, save_strategy="no", logging_strategy="no")
+    optimizer = li.loraplus_optimizer(model, lr=1e-3, ratio=16)
+    t.Trainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None)).train()
+    lrs = sorted(g["initial_lr"] for g in optimizer.param_groups if g["params"])  # the Trainer's schedule kept them
+    assert lrs == pytest.approx([1e-3, 1.6e-2])
+    with pytest.raises(li.ConfigError, match="ratio > 0"):
+        li.loraplus_param_groups(model, lr=1e-3, ratio=0)
