@@ -46,6 +46,7 @@ class Edit:
     scale: float = 1.0
     is_embedding: bool = False
     magnitude: torch.Tensor | None = None  # DoRA: one entry per output feature (B's rows)
+    addend: torch.Tensor | None = None  # lora_bias: B's bias, added to the stored bias times ``scale``
 
     @property
     def needs_whole_tensor(self) -> bool:
@@ -124,6 +125,12 @@ def plan_edits(config: LoraConfig, tensors: dict[str, torch.Tensor], fan_in_fan_
             edit.kind, edit.a, edit.b, edit.is_embedding = kind, a, b, is_embedding
             edit.scale = config.scale_for(path)
             handled.update({key, path + b_suffix})
+    for key, tensor in tensors.items():
+        if key.endswith(".lora_B.bias"):  # lora_bias: the base bias gains scale * b_B
+            path = key.removesuffix(".lora_B.bias")
+            edit = edits.setdefault(f"{path}.bias", Edit())
+            edit.addend, edit.scale = tensor, config.scale_for(path)
+            handled.add(key)
     for key, tensor in tensors.items():
         if key.endswith(".lora_magnitude_vector"):
             path = key.removesuffix(".lora_magnitude_vector")
@@ -204,6 +211,9 @@ def _check_shapes(base: Path, shards: list[Shard], matched: dict[str, Edit]) -> 
                         decided.add(edit.kind)
                     elif kind_before in ("linear", "transposed") and not edit.is_embedding:
                         square.append(edit)
+                elif edit.addend is not None:
+                    if tuple(edit.addend.shape) != shape:
+                        raise MergeError(f"{key}: B's bias is {tuple(edit.addend.shape)}, the checkpoint {shape}.")
                 elif tuple(edit.replacement.shape) != shape:
                     raise MergeError(
                         f"{key}: the adapter replaces it with shape {tuple(edit.replacement.shape)}, "
@@ -249,6 +259,10 @@ def merged_tensor_rows(tensor_slice, edit: Edit | None, out_dtype: torch.dtype |
             base = full_slice[i:j]
         else:
             base = (tensor_slice[i:j] if shape else tensor_slice[:]).to(dtype)
+        if edit is not None and edit.addend is not None:  # the arithmetic LoraLayer._add_delta uses for lora_bias
+            target = base.to(merge_dtype(dtype, edit.addend.dtype))
+            target = target.clone() if target is base else target
+            base = target.add_(edit.addend.to(target.dtype), alpha=edit.scale).to(dtype)
         if edit is not None and edit.kind is not None:
             chunk = base.to(merge_dtype(dtype, edit.a.dtype, edit.b.dtype))
             if full_slice is not None and chunk is base:  # a view of the replacement: never write into it

@@ -52,6 +52,8 @@ class LoraConfig:
             weight is float16/bfloat16 (stable optimizer updates), else the base dtype.
         dora: weight-decomposed LoRA (DoRA, PEFT's ``use_dora``): each adapted layer also learns a
             magnitude per output feature and computes with ``m * (W + s*B@A) / ||W + s*B@A||``.
+        lora_bias: B gets a trainable bias (PEFT's ``lora_bias``): the layer adds ``s * b_B``; merging
+            adds it to the base bias (refused for a base without one). Linear, Conv1D and convs.
     """
 
     r: int = 8
@@ -71,6 +73,7 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
     task_type: str | None = None
     dora: bool = False
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -87,8 +90,10 @@ class LoraConfig:
             raise ConfigError(f"dropout must be a float in [0, 1); got {self.dropout!r}.")
         if self.bias not in _BIAS_MODES:
             raise ConfigError(f"bias must be one of {_BIAS_MODES}; got {self.bias!r}.")
-        if not isinstance(self.dora, bool):
-            raise ConfigError(f"dora must be True or False; got {self.dora!r}.")
+        if not isinstance(self.dora, bool) or not isinstance(self.lora_bias, bool):
+            raise ConfigError(f"dora and lora_bias must be True or False; got {self.dora!r}, {self.lora_bias!r}.")
+        if self.dora and self.lora_bias:
+            raise ConfigError("lora_bias=True with dora=True is not defined (PEFT refuses it too); pick one.")
         if self.init not in _INIT_MODES:
             raise ConfigError(f"init must be one of {_INIT_MODES}; got {self.init!r}.")
         if isinstance(self.modules_to_save, str):

@@ -139,7 +139,7 @@ def _apply(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str) -
             wrapper = resolved.wrappers[layer.path]
             wrapper.add_adapter(
                 adapter, layer.r, layer.alpha, layer.scale, config.dropout, config.init, config.adapter_dtype,
-                dora=config.dora,
+                dora=config.dora, lora_bias=config.lora_bias,
             )
             extended.append(wrapper)
             previous = model.get_submodule(layer.path)

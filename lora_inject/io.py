@@ -252,7 +252,7 @@ def _expected(model: nn.Module, resolved: Plan, config: LoraConfig) -> tuple[dic
         optional[f"{path}.weight"] = (tuple(module.weight.shape), ("carried", path, module.weight))
     for layer in resolved.layers:
         wrapper = resolved.wrappers[layer.path]
-        for suffix, shape in wrapper.adapter_shapes(layer.r, config.dora).items():
+        for suffix, shape in wrapper.adapter_shapes(layer.r, config.dora, config.lora_bias).items():
             required[f"{layer.path}.{suffix}"] = (shape, ("factor", wrapper, suffix))
         base = wrapper.base_layer
         optional.pop(f"{layer.path}.weight", None)

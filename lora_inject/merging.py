@@ -30,8 +30,9 @@ def merge(model: nn.Module, adapters: str | Iterable[str] | None = None, *, safe
     layers = [layer for _, layer in lora_layers(model)]
     for path, layer in lora_layers(model):  # before anything is written: never a half-merged model
         wanted = names if names is not None else layer.active_adapters
-        if layer.merge_refusal() and any(n in layer.r and n not in layer.merged_adapters for n in wanted):
-            raise MergeError(f"{path}: {layer.merge_refusal()}")
+        for name in (n for n in wanted if n in layer.r and n not in layer.merged_adapters):
+            if layer.merge_refusal(name):
+                raise MergeError(f"{path}: {layer.merge_refusal(name)}")
     _untie_shared_weights(model, layers)
     if safe:
         for layer in layers:

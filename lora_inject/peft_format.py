@@ -30,7 +30,7 @@ LORA_CONTAINERS = (
 READ_FIELDS = (
     "r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
     "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "bias", "modules_to_save", "init_lora_weights",
-    "base_model_name_or_path", "task_type", "use_dora",
+    "base_model_name_or_path", "task_type", "use_dora", "lora_bias",
 )
 IGNORED_FIELDS = (
     "peft_type", "auto_mapping", "peft_version", "revision", "inference_mode", "fan_in_fan_out", "megatron_core",
@@ -39,7 +39,6 @@ IGNORED_FIELDS = (
     "ensure_weight_tying",
 )
 REFUSED_FIELDS = {
-    "lora_bias": "a trainable bias on lora_B (lora_bias)",
     "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
     "target_parameters": "LoRA on nn.Parameters such as fused MoE experts (target_parameters)",
     "layer_replication": "layer replication",
@@ -157,7 +156,7 @@ def to_peft_dict(model: nn.Module, adapter: str, config: LoraConfig) -> dict[str
         "init_lora_weights": init,
         "inference_mode": True,
         "use_dora": bool(config.dora),
-        "lora_bias": False,
+        "lora_bias": bool(config.lora_bias),
         "revision": None,
     }
 
@@ -218,6 +217,7 @@ _PEFT_TO_OURS = {
     "alpha_pattern": "alpha_pattern", "use_rslora": "rslora", "lora_dropout": "dropout", "bias": "bias",
     "modules_to_save": "modules_to_save", "init_lora_weights": "init",
     "base_model_name_or_path": "base_model_name_or_path", "task_type": "task_type", "use_dora": "dora",
+    "lora_bias": "lora_bias",
 }
 
 
@@ -293,6 +293,7 @@ def from_peft_dict(data: Any, source: str = "adapter_config.json") -> LoraConfig
             base_model_name_or_path=data.get("base_model_name_or_path"),
             task_type=data.get("task_type"),
             dora=bool(data.get("use_dora", False)),
+            lora_bias=bool(data.get("lora_bias", False)),
         )
     except AdapterFileError:
         raise

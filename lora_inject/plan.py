@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -163,6 +164,8 @@ def resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_mus
             )
         if config.dora:
             _check_dora(path, module, wrapper)
+        if config.lora_bias:
+            _check_lora_bias(path, module, wrapper)
         wrappers[path] = wrapper
         planned.append(_planned(path, module, wrapper, config))
     saves = _modules_to_save(named, config.modules_to_save or (), every_target_must_match)
@@ -173,7 +176,7 @@ def resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_mus
 def _planned(path: str, module: nn.Module, wrapper: LoraLayer, config: LoraConfig) -> PlannedLayer:
     r = config.rank_for(path)
     shape = tuple(module.weight.shape)
-    added = sum(math.prod(s) for s in wrapper.adapter_shapes(r, config.dora).values())
+    added = sum(math.prod(s) for s in wrapper.adapter_shapes(r, config.dora, config.lora_bias).values())
     return PlannedLayer(
         path, type(module).__name__, shape, r, config.alpha_for(path), config.scale_for(path), added
     )
@@ -188,6 +191,21 @@ def _check_dora(path: str, module: nn.Module, wrapper: LoraLayer) -> None:
             f"DoRA cannot adapt {path!r} ({kind.__module__}.{kind.__qualname__}): it needs a Linear, transformers "
             "Conv1D, Conv1d/2d/3d or Embedding with a floating-point weight. Leave it out of the targets, or "
             "use plain LoRA (dora=False) for this adapter."
+        )
+
+
+def _check_lora_bias(path: str, module: nn.Module, wrapper: LoraLayer) -> None:
+    """lora_bias exists for Linear, Conv1D and convs (PEFT: not for embeddings); a base without a bias can
+    run it but never merge it, which the user hears now rather than at merge time."""
+    if not wrapper.supports_lora_bias:
+        raise UnsupportedModuleError(
+            f"lora_bias cannot adapt {path!r} ({type(module).__name__}): B has a bias only on Linear, Conv1D and "
+            "conv layers (PEFT refuses it for embeddings too). Leave it out of the targets, or drop lora_bias."
+        )
+    if getattr(module, "bias", None) is None:
+        warnings.warn(
+            f"lora_bias on {path!r}, whose base layer has no bias: the adapter trains and runs, but it cannot be "
+            "merged into the weights (there is no bias to add B's bias to).", stacklevel=4,
         )
 
 

@@ -190,7 +190,7 @@ def test_a_peft_lora_config_is_accepted_and_means_the_same(tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("lora_bias", True), ("init_lora_weights", "pissa"), ("init_lora_weights", "olora"),
+    ("init_lora_weights", "pissa"), ("init_lora_weights", "olora"),
     ("layer_replication", [[0, 1]]), ("trainable_token_indices", [1, 2]), ("target_parameters", ["w"]),
 ])
 def test_a_peft_config_with_what_we_do_not_implement_is_refused_by_name(field, value):

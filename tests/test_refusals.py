@@ -53,7 +53,7 @@ def test_every_field_of_peft_lora_config_is_in_one_of_the_tables():
 @pytest.mark.parametrize("field", sorted(REFUSED_FIELDS))
 def test_each_math_changing_field_is_refused_by_name(field, strict, plain_adapter, tmp_path):
     value = {"layer_replication": [[0, 1]], "alora_invocation_tokens": [5, 6]}.get(field, {"x": 1})
-    if field.startswith(("use_", "lora_bias")):
+    if field.startswith("use_"):
         value = True
     if field == "trainable_token_indices":
         value = [1, 2]
@@ -64,16 +64,15 @@ def test_each_math_changing_field_is_refused_by_name(field, strict, plain_adapte
 
 
 @pytest.mark.parametrize("strict", [True, False])
-@pytest.mark.parametrize("kind", ["kasa", "lora_bias", "trainable_tokens", "monteclora", "bdlora"])
+@pytest.mark.parametrize("kind", ["kasa", "trainable_tokens", "monteclora", "bdlora"])
 def test_real_peft_files_of_unimplemented_variants_are_refused_by_name(kind, strict, tmp_path):
     configs = {
         "kasa": dict(kasa_config=peft.KasaConfig()),
-        "lora_bias": dict(lora_bias=True),
         "trainable_tokens": dict(trainable_token_indices=[1, 2]),
         "monteclora": dict(monteclora_config=peft.MontecloraConfig()),
         "bdlora": dict(use_bdlora=peft.BdLoraConfig(target_modules_bd_a=["q_proj"], nblocks=2, match_strict=False)),
     }
-    names = {"kasa": "kasa_config", "lora_bias": "lora_bias", "trainable_tokens": "trainable_token_indices",
+    names = {"kasa": "kasa_config", "trainable_tokens": "trainable_token_indices",
              "monteclora": "monteclora_config", "bdlora": "use_bdlora"}
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules=["q_proj", "v_proj"], **configs[kind]))
     model.save_pretrained(tmp_path / "a")

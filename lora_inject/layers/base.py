@@ -32,6 +32,7 @@ class LoraLayer(nn.Module):
 
     adapter_param_names: tuple[str, ...] = ("lora_A", "lora_B")
     supports_dora = False
+    supports_lora_bias = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -47,6 +48,7 @@ class LoraLayer(nn.Module):
             merged_adapters=[],
             adapters_disabled=False,
             use_dora={},  # adapter -> True for DoRA adapters (they also hold lora_magnitude_vector[name])
+            use_lora_bias={},  # adapter -> True where B has a bias (lora_B[name].bias)
             _dora_merged={},  # adapter -> the row scale m / ||W + s*dW|| applied at merge, to undo it exactly
             # what forward needs per running adapter (active, not merged), precomputed on each
             # state change so the hot path does no dictionary lookups: (factor containers, scale, p)
@@ -70,8 +72,17 @@ class LoraLayer(nn.Module):
         p = self.lora_dropout[name] if dropout is None else dropout
         return (*(getattr(self, c)[name] for c in self.adapter_param_names), self.scaling[name], p)
 
-    def merge_refusal(self) -> str | None:
-        """Why this layer's adapters cannot be merged into its weight, or None (they can)."""
+    def merge_refusal(self, name: str | None = None) -> str | None:
+        """Why this layer's adapters (or adapter ``name``) cannot be merged into its weight, or None."""
+        if name is not None and self.use_lora_bias.get(name) and self.bias is None:
+            return (
+                f"adapter {name!r} has a bias on B (lora_bias), but the base layer has no bias to merge it into; "
+                "merging would have to change the layer's architecture. Keep it unmerged."
+            )
+        return None
+
+    def _lora_bias(self, name: str) -> torch.Tensor | None:
+        """B's bias (out,) of adapter ``name`` (lora_bias), or None."""
         return None
 
     def _dora_rows(self, weight: torch.Tensor) -> torch.Tensor:
@@ -128,11 +139,13 @@ class LoraLayer(nn.Module):
             return (*self.adapter_param_names, "lora_magnitude_vector")
         return self.adapter_param_names
 
-    def adapter_shapes(self, r: int, dora: bool = False) -> dict[str, tuple[int, ...]]:
-        """:meth:`factor_shapes`, plus the magnitude vector (R,) of a DoRA adapter."""
+    def adapter_shapes(self, r: int, dora: bool = False, lora_bias: bool = False) -> dict[str, tuple[int, ...]]:
+        """:meth:`factor_shapes`, plus the magnitude vector (R,) of a DoRA adapter and B's bias (out,)."""
         shapes = self.factor_shapes(r)
         if dora:
             shapes["lora_magnitude_vector"] = self._dora_magnitude_shape(self._dora_rows(self.base_weight).shape[0])
+        if lora_bias:
+            shapes["lora_B.bias"] = (shapes["lora_B.weight"][0],)
         return shapes
 
     @property
@@ -163,6 +176,7 @@ class LoraLayer(nn.Module):
         init: bool | str = True,
         dtype: torch.dtype | None = None,
         dora: bool = False,
+        lora_bias: bool = False,
     ) -> None:
         """Create adapter ``name`` on the base weight's device; B (or A for embeddings) is zero.
 
@@ -175,6 +189,8 @@ class LoraLayer(nn.Module):
         dtype = dtype or default_adapter_dtype(weight.dtype)
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, alpha, scale
         self.lora_dropout[name] = float(dropout)
+        if lora_bias:
+            self.use_lora_bias[name] = True
         self._create_factors(name, r, dtype, weight.device)
         if dora:
             if "lora_magnitude_vector" not in self._modules:
@@ -203,6 +219,7 @@ class LoraLayer(nn.Module):
             del getattr(self, container)[name]
         del self.lora_dropout[name], self.r[name], self.lora_alpha[name], self.scaling[name]
         self.use_dora.pop(name, None)
+        self.use_lora_bias.pop(name, None)
         for cache in ("_dora_kept", "_dora_nonzero"):
             self.__dict__.get(cache, {}).pop(name, None)
         self.__dict__.pop("_dora_fast", None)
@@ -397,8 +414,9 @@ class LoraLayer(nn.Module):
         to W's dtype once, exactly ``(W.to(delta.dtype) + delta).to(W.dtype)`` without the temporaries.
         """
         names = list(self.active_adapters if names is None else names)
-        if names and self.merge_refusal():
-            raise MergeError(self.merge_refusal())
+        for name in names:
+            if self.merge_refusal(name):
+                raise MergeError(self.merge_refusal(name))
         done = []
         for name in names:
             if name in self.merged_adapters:
@@ -426,6 +444,13 @@ class LoraLayer(nn.Module):
             self._dora_merge(name) if sign > 0 else self._dora_unmerge(name)
             return
         self._add_lora_delta(name, sign)
+        lora_bias = self._lora_bias(name)
+        if lora_bias is not None:  # bias += sign * s * b_B, in the merge dtype, rounded once
+            bias = self.bias
+            target = bias if bias.dtype == self._delta_dtype(name) else bias.to(self._delta_dtype(name))
+            target.add_(lora_bias.detach().to(target.dtype), alpha=sign * self.scaling[name])
+            if target is not bias:
+                bias.copy_(target)
 
     def _dora_merge(self, name: str) -> None:
         """``W = g * (W + s * dW)``, in float32 (float64 where W or the adapter is), cast to W's dtype once."""

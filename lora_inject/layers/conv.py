@@ -63,10 +63,10 @@ class LoraConv(LoraLayer):
     def supports_dora(self) -> bool:
         return self.base_layer.groups == 1
 
-    def merge_refusal(self) -> str | None:
+    def merge_refusal(self, name: str | None = None) -> str | None:
         groups = self.base_layer.groups
         if groups == 1:
-            return None
+            return super().merge_refusal(name)
         return (
             f"a LoRA on a {type(self.base_layer).__name__} with groups={groups} cannot be merged: its A spans all "
             "input channels (PEFT's layout), so the update is a dense kernel that the grouped weight cannot hold "
@@ -82,11 +82,19 @@ class LoraConv(LoraLayer):
             dilation=base.dilation, padding_mode=base.padding_mode, bias=False, dtype=dtype, device=device,
         )
         self.lora_B[name] = conv_type(
-            r, self.out_features, ones, groups=base.groups, bias=False, dtype=dtype, device=device
+            r, self.out_features, ones, groups=base.groups, bias=self.use_lora_bias.get(name, False),
+            dtype=dtype, device=device,
         )
+        if self.lora_B[name].bias is not None:
+            nn.init.zeros_(self.lora_B[name].bias)
+
+    supports_lora_bias = True
+
+    def _lora_bias(self, name: str) -> torch.Tensor | None:
+        return self.lora_B[name].bias
 
     def _init_factors(self, name: str, init: bool | str) -> None:
-        init_a_zero_b(self.lora_A[name].weight, self.lora_B[name].weight, self.r[name], init)
+        init_a_zero_b(self.lora_A[name].weight, self.lora_B[name].weight, self.r[name], init, self.lora_B[name].bias)
 
     def _dora_rows(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.flatten(1)  # (out, in * prod(kernel)), a view of the contiguous weight
@@ -129,7 +137,9 @@ class LoraConv(LoraLayer):
             return None
         if weight.dtype != x.dtype or not weight.is_contiguous() or _needs_grad(x, weight, base.bias, conv_a, conv_b):
             return None
-        if base.groups != 1 or not (type(base) in _PLAIN_CONVS and type(conv_a) is type(base) is type(conv_b)):
+        if base.groups != 1 or conv_b.bias is not None:
+            return None
+        if not (type(base) in _PLAIN_CONVS and type(conv_a) is type(base) is type(conv_b)):
             return None
         if hooks_on(base, conv_a, conv_b) or autocast_enabled(x):
             return None
@@ -147,7 +157,8 @@ class LoraConv(LoraLayer):
         b = (conv_b.weight * scale).to(result.dtype)
         dropped = F.dropout(x, p, self.training) if p > 0.0 else x
         hidden = conv_a._conv_forward(dropped, a, None)  # (N, r, *spatial_out)
-        return result + conv_b._conv_forward(hidden.to(result.dtype), b, None)  # (N, out, *spatial_out)
+        bias = (conv_b.bias * scale).to(result.dtype) if conv_b.bias is not None else None  # lora_bias: s * b_B
+        return result + conv_b._conv_forward(hidden.to(result.dtype), b, bias)  # (N, out, *spatial_out)
 
     def _delta_factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # (out, r), (r, in * prod(kernel)): W seen as (out, in * prod(kernel))

@@ -33,6 +33,7 @@ class LoraLinear(LoraLayer):
     """
 
     supports_dora = True
+    supports_lora_bias = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -49,7 +50,10 @@ class LoraLinear(LoraLayer):
 
     def _create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
         self.lora_A[name] = Factor(self.in_features, r, dtype, device)
-        self.lora_B[name] = Factor(r, self.out_features, dtype, device)
+        self.lora_B[name] = Factor(r, self.out_features, dtype, device, bias=self.use_lora_bias.get(name, False))
+
+    def _lora_bias(self, name: str) -> torch.Tensor | None:
+        return self.lora_B[name].bias
 
     def follow_base_resize(self) -> None:
         in_features, out_features = self._io_features()
@@ -62,7 +66,7 @@ class LoraLinear(LoraLayer):
         self.__dict__.pop("_frozen", None)
 
     def _init_factors(self, name: str, init: bool | str) -> None:
-        init_a_zero_b(self.lora_A[name].weight, self.lora_B[name].weight, self.r[name], init)
+        init_a_zero_b(self.lora_A[name].weight, self.lora_B[name].weight, self.r[name], init, self.lora_B[name].bias)
 
     def _entry(self, name: str, dropout: float | None = None) -> tuple:
         return name, self.scaling[name], self.lora_dropout[name] if dropout is None else dropout
@@ -216,11 +220,15 @@ class Factor(nn.Linear):
     and it is a plain nn.Linear otherwise (``lora_A[name](x)`` works, keys are ``.weight``).
     """
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device, bias: bool = False
+    ) -> None:
         nn.Module.__init__(self)
         self.__dict__.update(in_features=in_features, out_features=out_features)
         self._parameters["weight"] = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
-        self._parameters["bias"] = None
+        self._parameters["bias"] = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        )  # B's bias with lora_bias (PEFT's "lora_B.bias")
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None, alpha: float = 1.0, dropout: float = 0.0
@@ -233,7 +241,8 @@ class Factor(nn.Linear):
         if residual is not None:
             return self.accumulate(x, residual, alpha)
         if x.dim() != 2:
-            return torch.nn.functional.linear(x, self.weight.to(x.dtype))
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
         return self.project(x, dropout)
 
     def project(self, x: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
@@ -242,15 +251,19 @@ class Factor(nn.Linear):
         if weight.dtype != x.dtype:
             weight = weight.to(x.dtype)
         if dropout > 0.0 and self.training:
-            return dropped_projection(x, weight, dropout)
-        return torch.mm(x, weight.t())
+            out = dropped_projection(x, weight, dropout)
+        else:
+            out = torch.mm(x, weight.t())
+        return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def accumulate(self, x: torch.Tensor, residual: torch.Tensor, alpha: float) -> torch.Tensor:
-        """``residual + alpha * x @ W.T`` in one addmm, computed in the residual's dtype."""
+        """``residual + alpha * (x @ W.T + bias)`` in one addmm (plus the bias where B has one), computed in
+        the residual's dtype."""
         weight = self.weight
         if weight.dtype != residual.dtype:
             weight, x = weight.to(residual.dtype), x.to(residual.dtype)
-        return torch.addmm(residual, x, weight.t(), alpha=alpha)
+        out = torch.addmm(residual, x, weight.t(), alpha=alpha)
+        return out if self.bias is None else out + alpha * self.bias.to(out.dtype)
 
 
 def _plain(module: nn.Module) -> bool:
@@ -271,6 +284,8 @@ def _fused_operands(modules: dict[str, nn.Module], name: str, x: torch.Tensor) -
     transposed = DIRECT_TYPES.get(type(base))
     if transposed is None or type(factor_a) is not Factor or type(factor_b) is not Factor:
         return None
+    if factor_b._parameters["bias"] is not None:  # lora_bias: the general path adds s * b_B
+        return None
     if hooks_on(base, factor_a, factor_b) or autocast_enabled(x):
         return None
     weight = base._parameters.get("weight")
@@ -280,7 +295,9 @@ def _fused_operands(modules: dict[str, nn.Module], name: str, x: torch.Tensor) -
     return weight, transposed, bias, factor_a._parameters["weight"], factor_b._parameters["weight"]
 
 
-def init_a_zero_b(a: torch.Tensor, b: torch.Tensor, r: int, init: bool | str) -> None:
+def init_a_zero_b(
+    a: torch.Tensor, b: torch.Tensor, r: int, init: bool | str, b_bias: torch.Tensor | None = None
+) -> None:
     """The original LoRA init: A random, B zero, so the adapted layer starts equal to the base.
 
     ``True``/"kaiming": A Kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)) as
@@ -295,3 +312,5 @@ def init_a_zero_b(a: torch.Tensor, b: torch.Tensor, r: int, init: bool | str) ->
             nn.init.normal_(b, std=0.02)
         else:
             nn.init.zeros_(b)
+        if b_bias is not None:  # lora_bias starts at zero too, as in PEFT
+            nn.init.zeros_(b_bias)
