@@ -14,6 +14,7 @@ from typing import Any, Literal, Union
 import torch
 
 from .errors import ConfigError
+from .layers.principal import is_principal_init
 from .matching import TargetSpec, first_pattern_match
 
 BiasMode = Literal["none", "all", "lora_only"]
@@ -47,7 +48,8 @@ class LoraConfig:
         modules_to_save: modules trained in full; each adapter keeps its own copy.
         init: ``True``/``"kaiming"`` (A Kaiming-uniform, B zero), ``"gaussian"``
             (A ~ N(0, 1/r), B zero), ``False`` (both random: the model changes at once;
-            for tests).
+            for tests), ``"pissa"``/``"pissa_niter_<k>"``/``"olora"`` (A and B the weight's principal
+            part, the base weight the residual; Linear and Conv1D; see ``layers/principal.py``).
         adapter_dtype: dtype of the adapter parameters. ``None``: float32 when the base
             weight is float16/bfloat16 (stable optimizer updates), else the base dtype.
         dora: weight-decomposed LoRA (DoRA, PEFT's ``use_dora``): each adapted layer also learns a
@@ -92,10 +94,14 @@ class LoraConfig:
             raise ConfigError(f"bias must be one of {_BIAS_MODES}; got {self.bias!r}.")
         if not isinstance(self.dora, bool) or not isinstance(self.lora_bias, bool):
             raise ConfigError(f"dora and lora_bias must be True or False; got {self.dora!r}, {self.lora_bias!r}.")
+        if is_principal_init(self.init) and (self.dora or self.lora_bias):
+            raise ConfigError(f"init={self.init!r} (PiSSA/OLoRA) goes with plain LoRA only, not dora or lora_bias.")
         if self.dora and self.lora_bias:
             raise ConfigError("lora_bias=True with dora=True is not defined (PEFT refuses it too); pick one.")
-        if self.init not in _INIT_MODES:
-            raise ConfigError(f"init must be one of {_INIT_MODES}; got {self.init!r}.")
+        if self.init not in _INIT_MODES and not is_principal_init(self.init):
+            raise ConfigError(
+                f"init must be one of {_INIT_MODES}, 'pissa', 'pissa_niter_<k>' or 'olora'; got {self.init!r}."
+            )
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
         if self.adapter_dtype is not None and not (

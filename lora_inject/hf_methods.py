@@ -85,11 +85,13 @@ def save_pretrained(
     if state_dict is None:
         check_not_sharded(self, "save the adapter")
     embedding_layers = kwargs.pop("save_embedding_layers", "auto")
+    as_lora = kwargs.pop("principal_as_lora", True)
     if is_main_process:
         for name in names:
             folder = Path(save_directory) if name == "default" else Path(save_directory) / name
-            tensors = adapter_tensors(self, name, full_state=state_dict, save_embedding_layers=embedding_layers)
-            write_adapter(self, folder, name, tensors)
+            tensors = adapter_tensors(self, name, full_state=state_dict, save_embedding_layers=embedding_layers,
+                                      principal_as_lora=as_lora)
+            write_adapter(self, folder, name, tensors, principal_as_lora=as_lora)
     if push_to_hub:
         repo_id = kwargs.pop("repo_id", None) or Path(save_directory).name
         keep = ("token", "commit_message", "private", "revision", "create_pr")

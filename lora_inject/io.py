@@ -8,6 +8,7 @@ changes, so a bad file leaves the model exactly as it was.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -36,6 +37,7 @@ from .inject import (
     require_new_adapter,
 )
 from .layers import LoraLayer, ModulesToSave
+from .layers.principal import is_principal_init
 from .peft_format import IGNORED_KEY_SUFFIXES, PEFT_PREFIX, disk_key, from_peft_dict, to_peft_dict
 from .plan import Plan, PlannedLayer, logical_modules, resolve
 
@@ -50,11 +52,13 @@ def adapter_tensors(
     adapter: str = "default",
     full_state: dict[str, torch.Tensor] | None = None,
     save_embedding_layers: bool | str = "auto",
+    principal_as_lora: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The adapter's tensors keyed as in PEFT's files (``base_model.model.<path>.lora_A.weight``).
 
     ``full_state`` (keys as in ``model.state_dict()``) supplies the values instead of the model,
-    e.g. tensors gathered from a sharded model. ``save_embedding_layers`` as in :func:`save_adapter`.
+    e.g. tensors gathered from a sharded model. ``save_embedding_layers`` and ``principal_as_lora``
+    as in :func:`save_adapter`.
     """
     out = {}
     for key, tensor in adapter_state(model, adapter).items():
@@ -70,7 +74,32 @@ def adapter_tensors(
         out[PEFT_PREFIX + disk_key(key, adapter)] = tensor.detach().to("cpu").contiguous().clone()
     for key, tensor in _carried_weights(model, full_state, _embedding_paths(model, save_embedding_layers)).items():
         out.setdefault(PEFT_PREFIX + key, tensor.detach().to("cpu").contiguous().clone())
+    if principal_as_lora:
+        _principal_as_lora(model, adapter, out)
     return out
+
+
+def _principal_as_lora(model: nn.Module, adapter: str, out: dict[str, torch.Tensor]) -> None:
+    """PiSSA/OLoRA factors rewritten for the original base weight: ``s * (B @ A - B0 @ A0)`` as the rank-2r
+    LoRA ``[B, -B0] @ [A; A0]`` (the config is rewritten to match by :func:`principal_as_lora_config`)."""
+    for path, layer in lora_layers(model):
+        if adapter not in layer.principal:
+            continue
+        a0, b0 = layer.principal[adapter]
+        a_key, b_key = f"{PEFT_PREFIX}{path}.lora_A.weight", f"{PEFT_PREFIX}{path}.lora_B.weight"
+        out[a_key] = torch.cat([out[a_key], a0.to("cpu", out[a_key].dtype)], dim=0).contiguous()
+        out[b_key] = torch.cat([out[b_key], -b0.to("cpu", out[b_key].dtype)], dim=1).contiguous()
+
+
+def principal_as_lora_config(config: LoraConfig) -> LoraConfig:
+    """The config of a PiSSA/OLoRA adapter saved as plain LoRA: every rank doubled and every alpha scaled so
+    that each module's scale is unchanged (x2, or x sqrt(2) under rsLoRA, patterns included); init plain."""
+    factor = math.sqrt(2.0) if config.rslora else 2.0
+    return config.replace(
+        r=2 * config.r, alpha=config.alpha * factor, init=True,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: v * factor for k, v in config.alpha_pattern.items()},
+    )
 
 
 def _embedding_paths(model: nn.Module, mode: bool | str) -> set[str]:
@@ -116,7 +145,7 @@ def _carried_weights(model: nn.Module, full_state: dict | None, paths: set[str])
 
 def save_adapter(
     model: nn.Module, directory: str | os.PathLike, adapter: str = "default", *,
-    save_embedding_layers: bool | str = "auto",
+    save_embedding_layers: bool | str = "auto", principal_as_lora: bool = True,
 ) -> Path:
     """Write ``adapter`` to ``directory`` as PEFT does; returns the folder.
 
@@ -125,6 +154,9 @@ def save_adapter(
     adapter, as PEFT's ``save_embedding_layers``: ``"auto"`` (default) when the vocabulary was
     resized after inject or a loaded adapter file brought them; ``True`` always (a vocabulary you
     changed yourself); ``False`` never (warned if they would have travelled).
+    A PiSSA/OLoRA adapter (``init="pissa"``/``"olora"``) is written by default as the plain rank-2r LoRA
+    that gives the trained model on the *original* base; ``principal_as_lora=False`` writes the
+    residual form instead (PEFT's, for the residual base only).
     An interrupted save leaves any previous adapter in the folder intact.
     A compiled (``torch.compile``) or DDP-wrapped model saves as the model inside it. For
     sharded (FSDP2) models use :func:`lora_inject.distributed.save_adapter` on every rank.
@@ -132,16 +164,21 @@ def save_adapter(
     check_not_sharded(model, "save the adapter")
     model = unwrap(model)
     _require_adapter(model, adapter)
-    return write_adapter(
-        model, directory, adapter, adapter_tensors(model, adapter, save_embedding_layers=save_embedding_layers)
+    tensors = adapter_tensors(
+        model, adapter, save_embedding_layers=save_embedding_layers, principal_as_lora=principal_as_lora
     )
+    return write_adapter(model, directory, adapter, tensors, principal_as_lora=principal_as_lora)
 
 
-def write_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str, tensors: dict) -> Path:
+def write_adapter(
+    model: nn.Module, directory: str | os.PathLike, adapter: str, tensors: dict, principal_as_lora: bool = True
+) -> Path:
     """Write already collected PEFT-keyed ``tensors`` and the adapter's config, atomically."""
     from . import __version__
 
     config = adapter_configs(model)[adapter]
+    if principal_as_lora and is_principal_init(config.init):
+        config = principal_as_lora_config(config)
     peft_config = to_peft_dict(model, adapter, config)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

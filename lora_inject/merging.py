@@ -82,6 +82,9 @@ def _unwrap(model: nn.Module, keep_merged: bool) -> nn.Module:
         if isinstance(module, LoraLayer):
             if not keep_merged:
                 module.unmerge()
+            for name in list(module.principal):  # PiSSA/OLoRA took a part out of the base: give it back
+                if not (keep_merged and name in module.merged_adapters):
+                    module.restore_principal_base(name)
             replacement = module.base_layer
         else:
             use_copy = keep_merged and module.active_adapter is not None

@@ -16,6 +16,7 @@ from torch import nn
 from .config import LoraConfig
 from .errors import AdapterFileError, ConfigError
 from .layers import LoraConv1D, LoraLayer
+from .layers.principal import is_principal_init
 from .matching import ALL_LINEAR, REGEX_PREFIX, NameTarget, select
 from .plan import logical_modules
 
@@ -134,7 +135,7 @@ def to_peft_dict(model: nn.Module, adapter: str, config: LoraConfig) -> dict[str
     fan_in_fan_out = any(
         isinstance(w, LoraConv1D) and adapter in w.r for _, _, w in logical_modules(model)
     )
-    init = config.init if config.init in (True, False, "gaussian") else True
+    init = config.init if config.init in (True, False, "gaussian") or is_principal_init(config.init) else True
     layers = [config.layers] if isinstance(config.layers, int) else config.layers
     return {
         "peft_type": "LORA",
@@ -194,10 +195,10 @@ def from_peft_config(peft_config: Any) -> LoraConfig:
             "implement; training without it would give another adapter. Drop these fields, or use PEFT for this one."
         )
     init = data.get("init_lora_weights", True)
-    if init not in _INIT_VALUES:
+    if init not in _INIT_VALUES and not is_principal_init(init):
         raise ConfigError(
             f"peft.LoraConfig init_lora_weights={init!r} is not implemented here; lora_inject initialises with "
-            f"{_INIT_VALUES} (True is PEFT's default)."
+            f"{_INIT_VALUES}, 'pissa', 'pissa_niter_<k>' or 'olora' (True is PEFT's default)."
         )
     values = {ours: data.get(theirs) for theirs, ours in _PEFT_TO_OURS.items()}
     values["task_type"] = getattr(values["task_type"], "value", values["task_type"])

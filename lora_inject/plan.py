@@ -14,6 +14,7 @@ from torch import nn
 from .config import LoraConfig
 from .errors import AdapterExistsError, ConfigError, TargetNotFoundError, UnsupportedModuleError
 from .layers import LoraLayer, ModulesToSave, wrap
+from .layers.principal import is_principal_init
 from .matching import AllLinearTarget, NameTarget, explain_misses, parse_targets, select, with_head
 
 
@@ -166,6 +167,11 @@ def resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_mus
             _check_dora(path, module, wrapper)
         if config.lora_bias:
             _check_lora_bias(path, module, wrapper)
+        if is_principal_init(config.init) and not wrapper.supports_principal_init:
+            raise UnsupportedModuleError(
+                f"init={config.init!r} (PiSSA/OLoRA) cannot adapt {path!r} ({type(module).__name__}): it factors a "
+                "Linear or Conv1D weight. Target only those, or use another init for this adapter."
+            )
         wrappers[path] = wrapper
         planned.append(_planned(path, module, wrapper, config))
     saves = _modules_to_save(named, config.modules_to_save or (), every_target_must_match)

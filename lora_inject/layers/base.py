@@ -33,6 +33,7 @@ class LoraLayer(nn.Module):
     adapter_param_names: tuple[str, ...] = ("lora_A", "lora_B")
     supports_dora = False
     supports_lora_bias = False
+    supports_principal_init = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -49,6 +50,7 @@ class LoraLayer(nn.Module):
             adapters_disabled=False,
             use_dora={},  # adapter -> True for DoRA adapters (they also hold lora_magnitude_vector[name])
             use_lora_bias={},  # adapter -> True where B has a bias (lora_B[name].bias)
+            principal={},  # adapter -> (A0, B0) of a PiSSA/OLoRA init, whose principal part left the base weight
             _dora_merged={},  # adapter -> the row scale m / ||W + s*dW|| applied at merge, to undo it exactly
             # what forward needs per running adapter (active, not merged), precomputed on each
             # state change so the hot path does no dictionary lookups: (factor containers, scale, p)
@@ -84,6 +86,9 @@ class LoraLayer(nn.Module):
     def _lora_bias(self, name: str) -> torch.Tensor | None:
         """B's bias (out,) of adapter ``name`` (lora_bias), or None."""
         return None
+
+    def restore_principal_base(self, name: str) -> None:
+        """Undo a PiSSA/OLoRA init's change to the base weight (layers that support those inits)."""
 
     def _dora_rows(self, weight: torch.Tensor) -> torch.Tensor:
         """A weight-shaped tensor seen in DoRA's rows layout (R, C): one row per magnitude entry (a view)."""
@@ -215,6 +220,7 @@ class LoraLayer(nn.Module):
         self._require(name)
         if name in self.merged_adapters:
             raise MergeError(f"Adapter {name!r} is merged into the weights; unmerge it before deleting it.")
+        self.restore_principal_base(name)
         for container in self.containers(name):
             del getattr(self, container)[name]
         del self.lora_dropout[name], self.r[name], self.lora_alpha[name], self.scaling[name]

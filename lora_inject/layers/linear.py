@@ -21,6 +21,7 @@ from .fused import (
     hooks_on,
     lora_linear,
 )
+from .principal import is_principal_init, principal_factors
 
 
 class LoraLinear(LoraLayer):
@@ -65,8 +66,41 @@ class LoraLinear(LoraLayer):
         self.__dict__.update(in_features=in_features, out_features=out_features)
         self.__dict__.pop("_frozen", None)
 
+    supports_principal_init = True
+
     def _init_factors(self, name: str, init: bool | str) -> None:
+        if is_principal_init(init):
+            self._init_principal(name, init)
+            return
         init_a_zero_b(self.lora_A[name].weight, self.lora_B[name].weight, self.r[name], init, self.lora_B[name].bias)
+
+    def _init_principal(self, name: str, init: str) -> None:
+        """PiSSA/OLoRA: A, B the principal part of W, the base weight the residual ``W - s * B @ A`` (rounded
+        once to W's dtype); the initial factors are kept for saving in plain LoRA form. Re-initialising first
+        gives the base its principal part back."""
+        self.restore_principal_base(name)
+        weight, scale = self.base_layer.weight, self.scaling[name]
+        rows = self._dora_rows(weight.data)  # (out, in) view
+        a, b = principal_factors(rows, self.r[name], scale, init)
+        with torch.no_grad():
+            self.lora_A[name].weight.copy_(a)
+            self.lora_B[name].weight.copy_(b)
+            if self.lora_B[name].bias is not None:
+                self.lora_B[name].bias.zero_()
+            rows.copy_((rows.to(torch.float32) - scale * (b @ a)).to(rows.dtype))
+        self.principal[name] = (self.lora_A[name].weight.detach().clone(), self.lora_B[name].weight.detach().clone())
+
+    def restore_principal_base(self, name: str) -> None:
+        """Give the base weight back the principal part a PiSSA/OLoRA init took out (``W_res + s * B0 @ A0``),
+        and forget the initial factors. No-op for other adapters."""
+        initial = self.principal.pop(name, None)
+        if initial is None:
+            return
+        a0, b0 = initial
+        rows = self._dora_rows(self.base_layer.weight.data)
+        with torch.no_grad():
+            principal = b0.float().to(rows.device) @ a0.float().to(rows.device)
+            rows.copy_((rows.to(torch.float32) + self.scaling[name] * principal).to(rows.dtype))
 
     def _entry(self, name: str, dropout: float | None = None) -> tuple:
         return name, self.scaling[name], self.lora_dropout[name] if dropout is None else dropout
