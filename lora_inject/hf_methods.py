@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .guards import check_not_sharded
 from .inject import CARRIED_ATTR, _adapter_modules, _require_adapter, _set_submodule, adapter_configs, carried_paths
 from .layers import LoraLayer, ModulesToSave
@@ -126,6 +127,13 @@ def resize_token_embeddings(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Mo
     input/output embedding weights are saved with every adapter from now on.
     """
     wrapped = _embedding_wrappers(self)
+    for path, wrapper, _ in wrapped:
+        if isinstance(wrapper, LoraLayer) and (wrapper.use_dora or wrapper.principal):
+            raise ConfigError(
+                f"resize_token_embeddings: {path!r} carries a DoRA or PiSSA/OLoRA adapter, whose norms or initial "
+                "factors span the whole vocabulary, so new rows would change the old tokens' outputs. Resize before "
+                "injecting, or use plain LoRA / modules_to_save on the embedding and head. Nothing was changed."
+            )
     snapshot = _snapshot(self, wrapped)
     for path, _, base in wrapped:
         _set_submodule(self, path, base)

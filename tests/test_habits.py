@@ -621,3 +621,18 @@ def test_loraplus_trains_b_faster_in_a_trainer(tmp_path):
     assert lrs == pytest.approx([1e-3, 1.6e-2])
     with pytest.raises(li.ConfigError, match="ratio > 0"):
         li.loraplus_param_groups(model, lr=1e-3, ratio=0)
+
+
+def test_resize_with_lora_bias_on_the_head_and_refusal_for_dora_or_pissa_there():
+    model = li.inject(tiny_llama(), targets=["lm_head"], lora_bias=True)
+    randomize_adapters(model)
+    x = ids()
+    before = logits(model, x)
+    model.resize_token_embeddings(108)
+    assert model.lm_head.lora_B["default"].bias.shape == (108,)
+    torch.testing.assert_close(logits(model, x)[..., :100], before, atol=1e-6, rtol=1e-6)
+    for kw in (dict(dora=True), dict(init="pissa")):
+        other = li.inject(tiny_llama(), targets=["lm_head", "q_proj"], **kw)
+        with pytest.raises(li.ConfigError, match="DoRA or PiSSA/OLoRA.*Nothing was changed"):
+            other.resize_token_embeddings(108)
+        assert other.config.vocab_size == 100 and other.lm_head.base_layer.out_features == 100

@@ -61,6 +61,8 @@ class LoraLinear(LoraLayer):
         for name, r in self.r.items():
             resize_parameter(self.lora_A[name].weight, (r, in_features))  # (r, in)
             resize_parameter(self.lora_B[name].weight, (out_features, r))  # (out, r)
+            if self.lora_B[name].bias is not None:
+                resize_parameter(self.lora_B[name].bias, (out_features,))  # lora_bias: new rows at zero
             self.lora_A[name].__dict__["in_features"] = in_features
             self.lora_B[name].__dict__["out_features"] = out_features
         self.__dict__.update(in_features=in_features, out_features=out_features)
