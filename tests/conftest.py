@@ -84,3 +84,21 @@ def randomize_adapters(model, adapter="default", std=0.1):
             if adapter in layer.r:
                 for p in layer.adapter_parameters(adapter):
                     p.normal_(0, std)
+
+
+def assert_matches_peft(ours, theirs, x, out=lambda o: o, seed=0):
+    """Outputs equal (1e-5) from the same RNG state (dropout draws the same masks), and after the same
+    backward every trainable parameter's gradient equals PEFT's (1e-5 abs, 1e-4 rel). Returns the names."""
+    torch.manual_seed(seed)
+    got = out(ours(x))
+    torch.manual_seed(seed)
+    want = out(theirs(x))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got.square().sum().backward()
+    want.square().sum().backward()
+    ours_grads = {k: p.grad for k, p in ours.named_parameters() if p.requires_grad}
+    peft_grads = {k.removeprefix("base_model.model."): p.grad for k, p in theirs.named_parameters() if p.requires_grad}
+    assert ours_grads.keys() == peft_grads.keys()
+    for key, grad in ours_grads.items():
+        torch.testing.assert_close(grad, peft_grads[key], atol=1e-5, rtol=1e-4, msg=key)
+    return set(ours_grads)

@@ -7,7 +7,7 @@ import copy
 import peft
 import pytest
 import torch
-from conftest import randomize_adapters, tiny_gpt2, tiny_llama
+from conftest import assert_matches_peft, randomize_adapters, tiny_gpt2, tiny_llama
 from torch import nn
 
 import lora_inject as li
@@ -54,10 +54,6 @@ def _trained_dora(case, **kw):
     return base, ours, make_input(), out
 
 
-def _grads(model, prefix=""):
-    return {k.removeprefix(prefix): p.grad for k, p in model.named_parameters() if p.requires_grad}
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_a_fresh_dora_adapter_leaves_the_model_unchanged(case):
     factory, targets, make_input, out = CASES[case]
@@ -83,17 +79,7 @@ def test_outputs_gradients_and_files_equal_peft_both_ways(case, training, tmp_pa
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours", is_trainable=True)
     ours.train(training)
     theirs.train(training)
-    torch.manual_seed(0)  # GPT-2's own dropout draws the same masks on both sides
-    got = out(ours(x))
-    torch.manual_seed(0)
-    want = out(theirs(x))
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    got.square().sum().backward()
-    want.square().sum().backward()
-    ours_grads, peft_grads = _grads(ours), _grads(theirs, "base_model.model.")
-    assert ours_grads.keys() == peft_grads.keys() and any("magnitude" in k for k in ours_grads)
-    for key, grad in ours_grads.items():
-        torch.testing.assert_close(grad, peft_grads[key], atol=1e-5, rtol=1e-4, msg=key)
+    assert any("magnitude" in k for k in assert_matches_peft(ours, theirs, x, out))  # GPT-2's dropout: same masks
     theirs.save_pretrained(tmp_path / "peft")  # and PEFT's file back here
     back = li.load_adapter(copy.deepcopy(base), tmp_path / "peft").eval()
     ours.eval()
@@ -154,16 +140,8 @@ def test_dropout_in_training_follows_peft_formula(tmp_path):
     ours.train()
     theirs.train()
     x = torch.randint(0, 100, (2, 7))
-    torch.manual_seed(3)  # one F.dropout per adapted layer in the same order on both sides: the same masks
-    got = ours(x).logits
-    torch.manual_seed(3)
-    want = theirs(x).logits
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    got.square().sum().backward()
-    want.square().sum().backward()
-    peft_grads = _grads(theirs, "base_model.model.")
-    for key, grad in _grads(ours).items():
-        torch.testing.assert_close(grad, peft_grads[key], atol=1e-5, rtol=1e-4, msg=key)
+    # one F.dropout per adapted layer in the same order on both sides: the same masks
+    assert_matches_peft(ours, theirs, x, lambda o: o.logits, seed=3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -327,11 +305,7 @@ def test_a_zero_magnitude_entry_still_gets_its_exact_gradient(tmp_path):
         ours.model.layers[0].self_attn.q_proj.lora_magnitude_vector["default"].weight[3] = 0.0
     li.save_adapter(ours, tmp_path / "a")
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", is_trainable=True)
-    out(ours(x)).square().sum().backward()
-    out(theirs(x)).square().sum().backward()
-    peft_grads = _grads(theirs, "base_model.model.")
-    for key, grad in _grads(ours).items():
-        torch.testing.assert_close(grad, peft_grads[key], atol=1e-5, rtol=1e-4, msg=key)
+    assert_matches_peft(ours, theirs, x, out)
     assert ours.model.layers[0].self_attn.q_proj.lora_magnitude_vector["default"].weight.grad[3] != 0
 
 

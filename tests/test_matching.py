@@ -160,7 +160,8 @@ def test_catastrophic_regex_times_out_fast():
 @pytest.mark.parametrize(
     "field, value",
     [("r", 0), ("r", -1), ("r", 2.5), ("alpha", 0), ("alpha", float("nan")), ("dropout", 1.0), ("dropout", -0.1),
-     ("bias", "some"), ("init", "pissa_niter_x"), ("layers", [-1]), ("rank_pattern", {"q": 0}), ("adapter_dtype", "fp32")],
+     ("bias", "some"), ("init", "pissa_niter_x"), ("layers", [-1]), ("rank_pattern", {"q": 0}),
+     ("adapter_dtype", "fp32")],
 )
 def test_config_validation(field, value):
     with pytest.raises(li.ConfigError, match=field.split("_")[0]):
