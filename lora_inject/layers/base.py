@@ -7,6 +7,7 @@ an input, and how their product maps onto the base weight.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterable
 
@@ -460,23 +461,25 @@ class LoraLayer(nn.Module):
 
     def _dora_merge(self, name: str) -> None:
         """``W = g * (W + s * dW)``, in float32 (float64 where W or the adapter is), cast to W's dtype once."""
-        weight = self.base_weight
-        dtype = self._delta_dtype(name)
-        plain = weight.dtype == dtype and weight.is_contiguous() and type(weight) in (nn.Parameter, torch.Tensor)
-        target = weight if plain else weight.detach().to(dtype, copy=True).contiguous()
-        self._dora_merged[name] = self._dora_fold(name, target)
-        if target is not weight:
-            weight.copy_(target)
+        with self._weight_in_merge_dtype(name) as target:
+            self._dora_merged[name] = self._dora_fold(name, target)
 
     def _dora_unmerge(self, name: str) -> None:
         """``W = W / g - s * dW`` with the g of the merge (PEFT's unmerge), in the merge dtype."""
+        with self._weight_in_merge_dtype(name) as target:
+            self._dora_rows(target).div_(self._dora_merged.pop(name)[:, None])
+            left, right = self._delta_factors(name, target.dtype)
+            target.view(left.shape[0], -1).addmm_(left, right, alpha=-self.scaling[name])
+
+    @contextlib.contextmanager
+    def _weight_in_merge_dtype(self, name: str):
+        """The base weight to edit in place in :meth:`_delta_dtype`: itself where it already is a contiguous
+        plain tensor of that dtype, else a widened copy written back (rounded once) when the block ends."""
         weight = self.base_weight
         dtype = self._delta_dtype(name)
         plain = weight.dtype == dtype and weight.is_contiguous() and type(weight) in (nn.Parameter, torch.Tensor)
         target = weight if plain else weight.detach().to(dtype, copy=True).contiguous()
-        self._dora_rows(target).div_(self._dora_merged.pop(name)[:, None])
-        left, right = self._delta_factors(name, dtype)
-        target.view(left.shape[0], -1).addmm_(left, right, alpha=-self.scaling[name])
+        yield target
         if target is not weight:
             weight.copy_(target)
 
