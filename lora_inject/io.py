@@ -91,6 +91,30 @@ def _principal_as_lora(model: nn.Module, adapter: str, out: dict[str, torch.Tens
         out[b_key] = torch.cat([out[b_key], -b0.to("cpu", out[b_key].dtype)], dim=1).contiguous()
 
 
+def _principal_from_lora(model: nn.Module, adapter: str, tensors: dict, where: str) -> dict:
+    """Undo :func:`_principal_as_lora` for a PiSSA/OLoRA adapter still injected (resuming from a checkpoint
+    saved in plain LoRA form): ``[A; A0]`` -> A, ``[B, -B0]`` -> B, after checking that the second halves are
+    this adapter's initial factors (else the file belongs to another run, and is refused)."""
+    for path, layer in lora_layers(model):
+        if adapter not in layer.principal:
+            continue
+        a_key, b_key = f"{path}.lora_A.weight", f"{path}.lora_B.weight"
+        a, b = tensors.get(a_key), tensors.get(b_key)
+        r = layer.r[adapter]
+        if a is None or b is None or a.shape[0] != 2 * r or b.shape[1] != 2 * r:
+            continue  # residual form, or a mismatch the shape check reports
+        a0, b0 = layer.principal[adapter]
+        same_start = torch.allclose(a[r:], a0.to(a), rtol=1e-5, atol=1e-6) and torch.allclose(
+            -b[:, r:], b0.to(b), rtol=1e-5, atol=1e-6)
+        if not same_start:
+            raise AdapterFileError(
+                f"{where}: {path} holds a PiSSA/OLoRA adapter saved as plain LoRA, but its initial factors are not "
+                "this model's: it was initialised from other weights. Load it with load_adapter on the original base."
+            )
+        tensors = {**tensors, a_key: a[:r].contiguous(), b_key: b[:, :r].contiguous()}
+    return tensors
+
+
 def principal_as_lora_config(config: LoraConfig) -> LoraConfig:
     """The config of a PiSSA/OLoRA adapter saved as plain LoRA: every rank doubled and every alpha scaled so
     that each module's scale is unchanged (x2, or x sqrt(2) under rsLoRA, patterns included); init plain."""
@@ -522,7 +546,7 @@ def checked_tensors_for_existing(model: nn.Module, directory: str | os.PathLike,
     """
     _require_adapter(model, adapter)
     config = adapter_configs(model)[adapter]
-    tensors = read_adapter_tensors(directory)
+    tensors = _principal_from_lora(model, adapter, read_adapter_tensors(directory), str(directory))
     resolved = Plan([], [], None, {})
     for path, module in lora_layers(model):
         if adapter in module.r:

@@ -102,3 +102,21 @@ def test_principal_inits_where_they_cannot_apply_are_refused():
         li.LoraConfig(init="olora", dora=True)
     with pytest.raises(li.ConfigError, match="pissa_niter_<k>"):
         li.LoraConfig(init="pissa_niter_x")
+
+
+def test_resuming_from_an_adapter_saved_as_plain_lora_restores_the_trained_factors(tmp_path):
+    """AdapterTrainer checkpoints go through save_adapter, which writes PiSSA as rank-2r LoRA: resuming must
+    read it back into the rank-r adapter (and refuse a file from another initialisation)."""
+    base = tiny_llama()
+    ours = _train(li.inject(copy.deepcopy(base), targets=["q_proj", "v_proj"], init="pissa", r=4))
+    trained = _logits(ours)
+    li.save_adapter(ours, tmp_path / "a")
+    resumed = li.inject(copy.deepcopy(base), targets=["q_proj", "v_proj"], init="pissa", r=4)  # same init
+    li.load_adapter_weights(resumed, tmp_path / "a")
+    torch.testing.assert_close(_logits(resumed), trained, atol=1e-5, rtol=1e-5)
+    other = li.inject(tiny_llama(), targets=["q_proj", "v_proj"], init="pissa", r=4)  # other weights, other init
+    before = li.lora_state_dict(other)
+    before = {k: v.clone() for k, v in before.items()}
+    with pytest.raises(li.AdapterFileError, match="initial factors are not this model's"):
+        li.load_adapter_weights(other, tmp_path / "a")
+    assert all(torch.equal(v, li.lora_state_dict(other)[k]) for k, v in before.items())

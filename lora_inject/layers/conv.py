@@ -39,6 +39,8 @@ MERGE_COST_FRACTION = 0.25
 class LoraConv(LoraLayer):
     """Shapes: x (N, in, *spatial); A (r, in, *kernel); B (out, r, 1, ..., 1)."""
 
+    supports_lora_bias = True
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
@@ -87,8 +89,6 @@ class LoraConv(LoraLayer):
         )
         if self.lora_B[name].bias is not None:
             nn.init.zeros_(self.lora_B[name].bias)
-
-    supports_lora_bias = True
 
     def _lora_bias(self, name: str) -> torch.Tensor | None:
         return self.lora_B[name].bias
