@@ -36,7 +36,16 @@ from .inject import (
     trainable_parameters,
 )
 from .io import load_adapter, load_adapter_weights, read_adapter_config, read_adapter_tensors, save_adapter
-from .layers import LoraConv, LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, register
+from .layers import (
+    LoraConv,
+    LoraConv1D,
+    LoraEmbedding,
+    LoraLayer,
+    LoraLinear,
+    ModulesToSave,
+    TrainableTokens,
+    register,
+)
 from .merging import merge, merge_and_unload, unload, unmerge
 from .optim import loraplus_optimizer, loraplus_param_groups
 from .presets import preset
@@ -68,6 +77,7 @@ __all__ = [
     "LoraLinear",
     "MergeError",
     "ModulesToSave",
+    "TrainableTokens",
     "PatternTimeoutError",
     "TargetNotFoundError",
     "UnsupportedModuleError",

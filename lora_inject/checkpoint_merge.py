@@ -24,6 +24,7 @@ from .config import LoraConfig
 from .errors import AdapterFileError, ConfigError, MergeError, preview
 from .io import read_adapter_config, read_adapter_tensors
 from .layers.base import merge_dtype
+from .matching import NameTarget
 from .safetensors_stream import DTYPES, StreamWriter
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -47,6 +48,16 @@ class Edit:
     is_embedding: bool = False
     magnitude: torch.Tensor | None = None  # DoRA: one entry per output feature (B's rows)
     addend: torch.Tensor | None = None  # lora_bias: B's bias, added to the stored bias times ``scale``
+    row_ids: torch.Tensor | None = None  # trainable tokens: these rows (n,) become ``row_values`` (n, D)
+    row_values: torch.Tensor | None = None
+
+    def replace_rows(self, rows: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        """Rows [i, j) of the output with the trained token rows that fall among them written in."""
+        inside = (self.row_ids >= i) & (self.row_ids < j)
+        if bool(inside.any()):
+            rows = rows.clone() if rows._base is not None or not rows.is_contiguous() else rows
+            rows[self.row_ids[inside] - i] = self.row_values[inside].to(rows.dtype)
+        return rows
 
     @property
     def needs_whole_tensor(self) -> bool:
@@ -104,6 +115,24 @@ class Edit:
         return rows
 
 
+TOKEN_SUFFIX = ".token_adapter.trainable_tokens_delta"
+
+
+def token_ids_for(config: LoraConfig, path: str) -> list[int]:
+    """The token ids of the trained rows saved for ``path``: the list (input embedding), or the entry of the
+    ``{name: ids}`` form whose name matches ``path`` as targets do."""
+    tokens = config.trainable_tokens
+    if not isinstance(tokens, dict):
+        if tokens is None:
+            raise AdapterFileError(f"The adapter holds trainable token rows for {path!r} but its config gives no ids.")
+        return tokens
+    for name, ids in tokens.items():
+        if NameTarget(name).matches(path, None):
+            return ids
+    raise AdapterFileError(f"The adapter holds trainable token rows for {path!r}, but no trainable_token_indices "
+                           f"entry names it ({sorted(tokens)}).")
+
+
 def plan_edits(config: LoraConfig, tensors: dict[str, torch.Tensor], fan_in_fan_out: bool) -> dict[str, Edit]:
     """``{checkpoint key: Edit}`` from an adapter's tensors (keys without ``base_model.model.``)."""
     edits: dict[str, Edit] = {}
@@ -137,6 +166,19 @@ def plan_edits(config: LoraConfig, tensors: dict[str, torch.Tensor], fan_in_fan_
             if f"{path}.weight" not in edits:
                 raise AdapterFileError(f"{key}: a DoRA magnitude without the LoRA factors of {path!r}.")
             edits[f"{path}.weight"].magnitude = tensor
+            handled.add(key)
+    for key, tensor in tensors.items():
+        if key.endswith(TOKEN_SUFFIX):
+            path = key.removesuffix(TOKEN_SUFFIX)
+            edit = edits.setdefault(f"{path}.weight", Edit())
+            if edit.kind is not None:
+                raise AdapterFileError(f"{key}: {path!r} has both LoRA factors and trainable token rows.")
+            ids = token_ids_for(config, path)
+            if tensor.dim() != 2 or tensor.shape[0] != len(ids):
+                raise AdapterFileError(
+                    f"{key} holds {tuple(tensor.shape)}, but the config gives {len(ids)} token ids for {path!r}."
+                )
+            edit.row_ids, edit.row_values = torch.tensor(ids, dtype=torch.long), tensor
             handled.add(key)
     for key, tensor in tensors.items():
         if ".modules_to_save." in key or ".original_module." in key:
@@ -211,6 +253,8 @@ def _check_shapes(base: Path, shards: list[Shard], matched: dict[str, Edit]) -> 
                         decided.add(edit.kind)
                     elif kind_before in ("linear", "transposed") and not edit.is_embedding:
                         square.append(edit)
+                elif edit.row_ids is not None:
+                    _check_rows(key, edit, shape)
                 elif edit.addend is not None:
                     if tuple(edit.addend.shape) != shape:
                         raise MergeError(f"{key}: B's bias is {tuple(edit.addend.shape)}, the checkpoint {shape}.")
@@ -222,6 +266,17 @@ def _check_shapes(base: Path, shards: list[Shard], matched: dict[str, Edit]) -> 
     if len(decided) == 1:
         for edit in square:
             edit.kind = next(iter(decided))
+
+
+def _check_rows(key: str, edit: Edit, shape: tuple[int, ...]) -> None:
+    if len(shape) != 2 or edit.row_values.shape[1] != shape[1] or int(edit.row_ids.max()) >= shape[0]:
+        raise MergeError(
+            f"{key}: the checkpoint stores {shape}, but the adapter writes rows of width "
+            f"{edit.row_values.shape[1]} up to token id {int(edit.row_ids.max())}. Resize the model's vocabulary "
+            "(and save it) first, or the adapter is for another model."
+        )
+    if edit.replacement is not None and tuple(edit.replacement.shape) != shape:
+        raise MergeError(f"{key}: the adapter replaces it with {tuple(edit.replacement.shape)}, the file {shape}.")
 
 
 def _check_tied(base: Path, matched: dict[str, Edit]) -> None:
@@ -268,6 +323,8 @@ def merged_tensor_rows(tensor_slice, edit: Edit | None, out_dtype: torch.dtype |
             if full_slice is not None and chunk is base:  # a view of the replacement: never write into it
                 chunk = chunk.clone()
             base = edit.add_to_rows(chunk, i, j).to(dtype)
+        if edit is not None and edit.row_ids is not None:
+            base = edit.replace_rows(base, i, j)
         yield base
 
 

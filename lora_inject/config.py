@@ -6,6 +6,7 @@ translation to and from PEFT's ``adapter_config.json`` lives in :mod:`lora_injec
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
@@ -56,6 +57,9 @@ class LoraConfig:
             magnitude per output feature and computes with ``m * (W + s*B@A) / ||W + s*B@A||``.
         lora_bias: B gets a trainable bias (PEFT's ``lora_bias``): the layer adds ``s * b_B``; merging
             adds it to the base bias (refused for a base without one). Linear, Conv1D and convs.
+        trainable_tokens: token ids whose embedding rows train in full (PEFT's ``trainable_token_indices``):
+            a list for the input embedding, or ``{module name: ids}``. A head tied to the embedding shares
+            the rows. The way to train tokens added with ``resize_token_embeddings``.
     """
 
     r: int = 8
@@ -76,6 +80,7 @@ class LoraConfig:
     task_type: str | None = None
     dora: bool = False
     lora_bias: bool = False
+    trainable_tokens: Sequence[int] | Mapping[str, Sequence[int]] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -110,6 +115,7 @@ class LoraConfig:
             raise ConfigError(
                 f"adapter_dtype must be a floating torch.dtype such as torch.float32; got {self.adapter_dtype!r}."
             )
+        self.trainable_tokens = _checked_tokens(self.trainable_tokens)
         if self.layers is not None:
             indices = [self.layers] if isinstance(self.layers, int) else list(self.layers)
             if not indices or not all(isinstance(i, int) and i >= 0 for i in indices):
@@ -145,6 +151,7 @@ PEFT_FIELD_NAMES = {
     "exclude_modules": "exclude",
     "layers_to_transform": "layers",
     "use_dora": "dora",
+    "trainable_token_indices": "trainable_tokens",
 }
 
 
@@ -191,3 +198,26 @@ def _check_alpha(what: str, value: Any) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value <= 0:
         raise ConfigError(f"{what} must be a positive finite number; got {value!r}.")
+
+
+def _checked_tokens(value: Any) -> list[int] | dict[str, list[int]] | None:
+    """``trainable_tokens`` as a list of distinct non-negative ids, or ``{module name: such a list}``."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        if not value or not all(isinstance(k, str) and k for k in value):
+            raise ConfigError(f"trainable_tokens as a dict maps module names to token ids; got {value!r}.")
+        return {name: _checked_ids(f"trainable_tokens[{name!r}]", ids) for name, ids in value.items()}
+    return _checked_ids("trainable_tokens", value)
+
+
+def _checked_ids(what: str, ids: Any) -> list[int]:
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) and not hasattr(ids, "tolist"):
+        raise ConfigError(f"{what} must be a list of token ids; got {ids!r}.")
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ConfigError(f"{what} must be a non-empty list of non-negative int token ids; got {ids!r}.")
+    repeated = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
+    if repeated:
+        raise ConfigError(f"{what} lists token ids more than once: {repeated}; each row can have one value.")
+    return ids

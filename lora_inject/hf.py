@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +128,10 @@ def refuse_injected_checkpoint(base: str | os.PathLike) -> None:
 
 
 def _match_vocabulary(model: nn.Module, adapter: str | os.PathLike) -> None:
-    """Resize a freshly loaded model to the vocabulary of an adapter saved after resize_token_embeddings
-    (the file carries the input embedding's full weight; only its shape is read here)."""
+    """Resize a freshly loaded model to the vocabulary of an adapter saved after resize_token_embeddings:
+    the size of the input embedding's full weight when the file carries it (only its shape is read), else,
+    for trainable tokens beyond the model's vocabulary, the tokenizer saved next to the adapter (or the
+    largest id + 1), warning about new rows the adapter does not hold."""
     embeddings = model.get_input_embeddings()
     path = next((p for p, m in model.named_modules() if m is embeddings), None)
     file = Path(adapter) / WEIGHTS_NAME
@@ -143,6 +146,40 @@ def _match_vocabulary(model: nn.Module, adapter: str | os.PathLike) -> None:
                 if rows != embeddings.weight.shape[0]:
                     model.resize_token_embeddings(rows, mean_resizing=False)
                 return
+    _fit_trainable_tokens(model, adapter)
+
+
+def _fit_trainable_tokens(model: nn.Module, adapter: str | os.PathLike) -> None:
+    tokens = read_adapter_config(adapter).trainable_tokens
+    weight = getattr(model.get_input_embeddings(), "weight", None)
+    if not tokens or not isinstance(weight, torch.Tensor):
+        return
+    ids = sorted({i for v in tokens.values() for i in v} if isinstance(tokens, dict) else set(tokens))
+    before = weight.shape[0]
+    if ids[-1] < before:
+        return
+    rows = max(ids[-1] + 1, _tokenizer_length(adapter))
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    fresh = sorted(set(range(before, rows)) - set(ids))
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is not embeddings.weight and not isinstance(tokens, dict):
+        fresh = list(range(before, rows))  # the untied head's rows for every new token
+    if fresh:
+        warnings.warn(
+            f"The adapter trains tokens up to id {ids[-1]}, so the model was resized from {before} to {rows} tokens; "
+            f"{len(fresh)} new row(s) ({fresh[:5]}...) are not in the adapter and start freshly initialised, so "
+            "outputs involving them differ from the trained model. Train every new token (trainable_tokens) or save "
+            "with save_embedding_layers=True.", stacklevel=3,
+        )
+
+
+def _tokenizer_length(adapter: str | os.PathLike) -> int:
+    """The vocabulary of a tokenizer saved next to the adapter (0 if there is none)."""
+    if not (Path(adapter) / "tokenizer_config.json").is_file():
+        return 0
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(str(adapter)))
 
 
 def _input_requires_grad_hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:

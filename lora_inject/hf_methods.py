@@ -104,7 +104,7 @@ def _embedding_wrappers(model: nn.Module) -> list[tuple[str, nn.Module, nn.Modul
     """``(path, wrapper, base)`` for the input/output embeddings that carry an adapter or a trained copy."""
     wanted = {id(m) for m in (_call(model, "get_input_embeddings"), _call(model, "get_output_embeddings")) if m}
     return [
-        (path, module, module.base_layer if isinstance(module, LoraLayer) else module.original_module)
+        (path, module, module.base_layer)
         for path, module in _adapter_modules(model)
         if id(module) in wanted
     ]
@@ -142,10 +142,7 @@ def resize_token_embeddings(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Mo
         for path, wrapper, base in wrapped:
             resized = self.get_submodule(path)
             if resized is not base:  # a new module rather than the old one resized in place
-                if isinstance(wrapper, LoraLayer):
-                    wrapper.base_layer = resized
-                else:
-                    wrapper.original_module = resized
+                wrapper.set_base_layer(resized)
             wrapper.follow_base_resize()
     except BaseException:
         _restore(self, snapshot)
@@ -191,10 +188,7 @@ def _restore(model: nn.Module, snapshot: dict) -> None:
     for module, attr, value in snapshot["attrs"]:
         module.__dict__[attr] = value
     for wrapper, base in snapshot["bases"]:
-        if isinstance(wrapper, LoraLayer):
-            wrapper.base_layer = base
-        else:
-            wrapper.original_module = base
+        wrapper.set_base_layer(base)
     text, vocab = snapshot["vocab"]
     if vocab is not None:
         text.vocab_size = vocab

@@ -13,7 +13,7 @@ from torch import nn
 from .config import LoraConfig, unknown_field_message
 from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError
 from .guards import check_not_distributed, unwrap
-from .layers import LoraLayer, ModulesToSave
+from .layers import ADAPTER_MODULES, LoraLayer, ModulesToSave, TrainableTokens
 from .plan import Plan, resolve
 
 _STATE_ATTR = "_lora_inject_configs"  # {adapter name: LoraConfig} kept on the model
@@ -154,6 +154,14 @@ def _apply(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str) -
                 attached.append((path, current.original_module))
             current.add_adapter(adapter)
             extended.append(current)
+        for token in resolved.tokens:
+            wrapper = token.wrapper
+            wrapper.add_adapter(adapter, token.ids, config.adapter_dtype)
+            extended.append(wrapper)
+            previous = model.get_submodule(token.path)
+            if previous is not wrapper:
+                _set_submodule(model, token.path, wrapper)
+                attached.append((token.path, previous))
         return extended
     except BaseException:
         for module in extended:
@@ -188,9 +196,10 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
             yield path, module
 
 
-def _adapter_modules(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToSave]]:
+def _adapter_modules(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToSave | TrainableTokens]]:
+    """``(path, module)`` for every module that holds adapters (LoRA wrappers, trained copies, token rows)."""
     for path, module in model.named_modules():
-        if isinstance(module, (LoraLayer, ModulesToSave)):
+        if isinstance(module, ADAPTER_MODULES):
             yield path, module
 
 
@@ -223,10 +232,9 @@ def active_adapters(model: nn.Module) -> list[str]:
 def disabled_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes as the base model (merged adapters are unmerged first)."""
     modules = [m for _, m in _adapter_modules(unwrap(model))]
-    merged = {id(m): list(m.merged_adapters) for m in modules if isinstance(m, LoraLayer)}
+    merged = {id(m): list(m.merged_adapters) for m in modules}
     for module in modules:
-        if isinstance(module, LoraLayer):
-            module.unmerge()
+        module.unmerge()
         module.set_disabled(True)
     try:
         yield model
@@ -245,8 +253,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if name in module.adapter_names:
             module.delete_adapter(name)
         if not module.adapter_names:
-            base = module.base_layer if isinstance(module, LoraLayer) else module.original_module
-            _set_submodule(model, path, base)
+            _set_submodule(model, path, module.base_layer)
     del getattr(model, _STATE_ATTR)[name]
     if not getattr(model, _STATE_ATTR):
         from .hf_methods import uninstall
@@ -269,6 +276,9 @@ def reset_adapters(model: nn.Module, adapter: str | None = None) -> None:
         for _, layer in lora_layers(model):
             if name in layer.r:
                 layer.reset_adapter(name, configs[name].init)
+        for _, module in _adapter_modules(model):
+            if isinstance(module, TrainableTokens) and name in module.adapter_names:
+                module.reset_adapter(name)
 
 
 def _set_bias_trainable(model: nn.Module, bias: str) -> None:
@@ -322,11 +332,10 @@ def adapter_state(model: nn.Module, adapter: str = "default") -> dict[str, torch
     for path, module in _adapter_modules(model):
         if adapter not in module.adapter_names:
             continue
-        containers = module.containers(adapter) if isinstance(module, LoraLayer) else ("modules_to_save",)
-        for container in containers:
+        for container in module.containers(adapter):
             prefix = f"{path}.{container}.{adapter}"
-            item = getattr(module, container)[adapter]
-            if isinstance(item, nn.Parameter):
+            item = module.get_submodule(container)[adapter]
+            if isinstance(item, torch.Tensor):
                 out[prefix] = item.detach()
             else:
                 out.update({f"{prefix}.{k}": v for k, v in item.state_dict().items()})

@@ -36,10 +36,11 @@ from .inject import (
     lora_layers,
     require_new_adapter,
 )
-from .layers import LoraLayer, ModulesToSave
+from .layers import LoraLayer, ModulesToSave, TrainableTokens
 from .layers.principal import is_principal_init
 from .peft_format import IGNORED_KEY_SUFFIXES, PEFT_PREFIX, disk_key, from_peft_dict, to_peft_dict
 from .plan import Plan, PlannedLayer, logical_modules, resolve
+from .tokens_plan import TokenTarget
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -157,6 +158,8 @@ def _carried_weights(model: nn.Module, full_state: dict | None, paths: set[str])
     for path in sorted(paths):
         module = model.get_submodule(path)
         key = f"{path}.base_layer.weight" if isinstance(module, LoraLayer) else f"{path}.weight"
+        if isinstance(module, TrainableTokens):  # the base rows; the trained ones are saved as the adapter's
+            module = module.base_layer
         tensor = module.weight if full_state is None else full_state.get(key)
         if tensor is None:
             raise AdapterFileError(
@@ -330,6 +333,10 @@ def _expected(model: nn.Module, resolved: Plan, config: LoraConfig) -> tuple[dic
                 # tensor as above) and the original module's (used while adapters are disabled)
                 optional[f"{path}.modules_to_save.{key}"] = (tuple(value.shape), ("save", path, key))
                 optional[f"{path}.original_module.{key}"] = (tuple(value.shape), ("tensor", value))
+    for token in resolved.tokens:
+        if token.tied_to is None:
+            shape = (len(token.ids), token.weight_shape[1])
+            required[f"{token.path}.{TOKEN_ROWS}"] = (shape, ("tokens", token.wrapper))
     if config.bias == "all":
         for path, module, wrapper in logical_modules(model):
             bias = getattr(module, "bias", None)
@@ -355,7 +362,9 @@ def _embedding_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+TOKEN_ROWS = "token_adapter.trainable_tokens_delta"
 _LORA_SUFFIXES = (
+    f".{TOKEN_ROWS}",
     ".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector",
     ".base_layer.bias",
     ".base_layer.weight",
@@ -391,7 +400,7 @@ def _check_tensors(
             f"{where}: the file names modules this model does not have: {preview(unexpected)}. The adapter was "
             "probably trained on another architecture; load it into the model it was made for."
         )
-    carrying = [k for k in unexpected if ".lora_" in k]
+    carrying = [k for k in unexpected if ".lora_" in k or k.endswith(f".{TOKEN_ROWS}")]
     if carrying:
         raise AdapterFileError(
             f"{where}: adapter tensors that the config does not account for: {preview(carrying)}. They are part of "
@@ -513,6 +522,8 @@ def _copy_in(model: nn.Module, tensors: dict, targets: dict, adapter: str) -> No
             kind = target[0]
             if kind == "factor":
                 param = target[1].factor(adapter, target[2])
+            elif kind == "tokens":
+                param = target[1].rows(adapter)
             elif kind == "save":
                 param = model.get_submodule(target[1]).modules_to_save[adapter].state_dict(keep_vars=True)[target[2]]
             elif kind == "carried":  # a full base weight in the file travels on when the adapter is saved again
@@ -554,6 +565,11 @@ def checked_tensors_for_existing(model: nn.Module, directory: str | os.PathLike,
             resolved.layers.append(PlannedLayer(path, "", (), module.r[adapter], 0.0, 0.0, 0))
     resolved.modules_to_save = [
         p for p, m in model.named_modules() if isinstance(m, ModulesToSave) and adapter in m.adapter_names
+    ]
+    resolved.tokens = [
+        TokenTarget(p, m.ids(adapter).tolist(), m, "", tuple(m.base_layer.weight.shape))
+        for p, m in model.named_modules()
+        if isinstance(m, TrainableTokens) and m.tied_to is None and adapter in m.adapter_names
     ]
     required, optional = _expected(model, resolved, config)
     _check_tensors(model, tensors, required, optional, config, strict, str(directory))

@@ -11,8 +11,7 @@ from torch import nn
 
 from .errors import MergeError
 from .guards import check_not_distributed, unwrap
-from .inject import _STATE_ATTR, _adapter_modules, _require_adapter, _set_submodule, lora_layers
-from .layers import LoraLayer
+from .inject import _STATE_ATTR, _adapter_modules, _require_adapter, _set_submodule
 
 
 def merge(model: nn.Module, adapters: str | Iterable[str] | None = None, *, safe: bool = True) -> None:
@@ -27,34 +26,45 @@ def merge(model: nn.Module, adapters: str | Iterable[str] | None = None, *, safe
     names = None if adapters is None else ([adapters] if isinstance(adapters, str) else list(adapters))
     for name in names or ():
         _require_adapter(model, name)
-    layers = [layer for _, layer in lora_layers(model)]
-    for path, layer in lora_layers(model):  # before anything is written: never a half-merged model
-        wanted = names if names is not None else layer.active_adapters
-        for name in (n for n in wanted if n in layer.r and n not in layer.merged_adapters):
-            if layer.merge_refusal(name):
-                raise MergeError(f"{path}: {layer.merge_refusal(name)}")
-    _untie_shared_weights(model, layers)
+    modules = list(_adapter_modules(model))
+
+    def requested(module) -> list[str]:
+        wanted = names if names is not None else module.active_adapters
+        return [n for n in wanted if n in module.adapter_names]
+
+    def to_merge(module) -> list[str]:
+        return [n for n in requested(module) if n not in module.merged_adapters]
+
+    for path, module in modules:  # before anything is written: never a half-merged model
+        for name in to_merge(module):
+            if module.merge_refusal(name):
+                raise MergeError(f"{path}: {module.merge_refusal(name)}")
     if safe:
-        for layer in layers:
-            for name in names if names is not None else layer.active_adapters:
-                if name in layer.r and name not in layer.merged_adapters:
-                    layer.check_merge(name)
-    for layer in layers:
-        layer.merge([n for n in (names if names is not None else layer.active_adapters) if n in layer.r])
+        for _, module in modules:
+            for name in to_merge(module):
+                module.check_merge(name)
+    _untie_shared_weights(model, [(m, to_merge(m)) for _, m in modules])
+    for _, module in modules:
+        module.merge(requested(module))  # an already merged adapter is skipped with a warning
 
 
-def _untie_shared_weights(model: nn.Module, layers: list[LoraLayer]) -> None:
-    """Give a wrapped layer its own weight when it shares it (tied embeddings/lm_head) before merging.
+def _untie_shared_weights(model: nn.Module, merging: list[tuple[nn.Module, list[str]]]) -> None:
+    """Give a module about to merge its own weight when it shares it with another (tied embeddings/lm_head).
 
-    Merging into a shared tensor would silently change the other module too.
+    Merging into a shared tensor would silently change the other module too; a head whose weight
+    follows an embedding's trainable tokens (tied on purpose) is the one sharing that stays.
     """
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    followers = Counter(id(m.tied_to) for m, _ in merging if m.tied_to is not None)
     untied = []
-    for layer in layers:
-        weight = layer.base_layer.weight
-        if uses[id(weight)] > 1 and any(n not in layer.merged_adapters for n in layer.active_adapters):
-            layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-            untied.append(layer)
+    for module, names in merging:
+        base = module.base_layer
+        weight = getattr(base, "weight", None)
+        if not (names and module.merges_into_base and module.tied_to is None and isinstance(weight, nn.Parameter)):
+            continue
+        if uses[id(weight)] > 1 + followers[id(module)]:
+            base.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+            untied.append(module)
     if untied:
         if "transformers" in sys.modules:
             from .hf import untie_note
@@ -71,24 +81,15 @@ def _untie_shared_weights(model: nn.Module, layers: list[LoraLayer]) -> None:
 def unmerge(model: nn.Module) -> None:
     """Subtract every merged adapter from the base weights again."""
     check_not_distributed(model, "unmerge adapters")
-    for _, layer in lora_layers(model):
-        layer.unmerge()
+    for _, module in _adapter_modules(unwrap(model)):
+        module.unmerge()
 
 
 def _unwrap(model: nn.Module, keep_merged: bool) -> nn.Module:
     check_not_distributed(model, "take the adapters out")
     model = unwrap(model)
     for path, module in list(_adapter_modules(model)):
-        if isinstance(module, LoraLayer):
-            if not keep_merged:
-                module.unmerge()
-            for name in list(module.principal):  # PiSSA/OLoRA took a part out of the base: give it back
-                if not (keep_merged and name in module.merged_adapters):
-                    module.restore_principal_base(name)
-            replacement = module.base_layer
-        else:
-            use_copy = keep_merged and module.active_adapter is not None
-            replacement = module.modules_to_save[module.active_adapter] if use_copy else module.original_module
+        replacement = module.unwrapped(keep_merged)
         replacement.requires_grad_(False)
         _set_submodule(model, path, replacement)
     if hasattr(model, _STATE_ATTR):

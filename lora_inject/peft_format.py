@@ -23,6 +23,7 @@ from .plan import logical_modules
 PEFT_PREFIX = "base_model.model."
 LORA_CONTAINERS = (
     "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "modules_to_save",
+    "trainable_tokens_delta",
 )
 # Every field of PEFT's LoRA adapter_config.json (0.21), and what loading does with it; README.md
 # lists the same. READ: becomes a LoraConfig field. IGNORED: cannot change what a loaded adapter
@@ -31,7 +32,7 @@ LORA_CONTAINERS = (
 READ_FIELDS = (
     "r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
     "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "bias", "modules_to_save", "init_lora_weights",
-    "base_model_name_or_path", "task_type", "use_dora", "lora_bias",
+    "base_model_name_or_path", "task_type", "use_dora", "lora_bias", "trainable_token_indices",
 )
 IGNORED_FIELDS = (
     "peft_type", "auto_mapping", "peft_version", "revision", "inference_mode", "fan_in_fan_out", "megatron_core",
@@ -40,7 +41,6 @@ IGNORED_FIELDS = (
     "ensure_weight_tying",
 )
 REFUSED_FIELDS = {
-    "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
     "target_parameters": "LoRA on nn.Parameters such as fused MoE experts (target_parameters)",
     "layer_replication": "layer replication",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
@@ -65,7 +65,7 @@ def disk_key(memory_key: str, adapter: str) -> str:
         if part in LORA_CONTAINERS and parts[i + 1] == adapter:
             if part == "modules_to_save":
                 return ".".join(parts[:i] + parts[i + 2:])
-            if part == "lora_magnitude_vector":  # PEFT: "<path>.lora_magnitude_vector", no ".weight"
+            if part in ("lora_magnitude_vector", "trainable_tokens_delta"):  # PEFT: no ".weight" after these
                 return ".".join(parts[: i + 1])
             return ".".join(parts[: i + 1] + parts[i + 2:])
     return memory_key
@@ -158,8 +158,15 @@ def to_peft_dict(model: nn.Module, adapter: str, config: LoraConfig) -> dict[str
         "inference_mode": True,
         "use_dora": bool(config.dora),
         "lora_bias": bool(config.lora_bias),
+        "trainable_token_indices": _tokens_for_peft(config.trainable_tokens),
         "revision": None,
     }
+
+
+def _tokens_for_peft(tokens: Any) -> Any:
+    if tokens is None:
+        return None
+    return {k: list(v) for k, v in tokens.items()} if isinstance(tokens, dict) else list(tokens)
 
 
 def _targets_from_peft(value: Any, field: str) -> Any:
@@ -218,7 +225,7 @@ _PEFT_TO_OURS = {
     "alpha_pattern": "alpha_pattern", "use_rslora": "rslora", "lora_dropout": "dropout", "bias": "bias",
     "modules_to_save": "modules_to_save", "init_lora_weights": "init",
     "base_model_name_or_path": "base_model_name_or_path", "task_type": "task_type", "use_dora": "dora",
-    "lora_bias": "lora_bias",
+    "lora_bias": "lora_bias", "trainable_token_indices": "trainable_tokens",
 }
 
 
@@ -295,6 +302,7 @@ def from_peft_dict(data: Any, source: str = "adapter_config.json") -> LoraConfig
             task_type=data.get("task_type"),
             dora=bool(data.get("use_dora", False)),
             lora_bias=bool(data.get("lora_bias", False)),
+            trainable_tokens=data.get("trainable_token_indices") or None,
         )
     except AdapterFileError:
         raise

@@ -6,23 +6,24 @@ import math
 import re
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .config import LoraConfig
 from .errors import AdapterExistsError, ConfigError, TargetNotFoundError, UnsupportedModuleError
-from .layers import LoraLayer, ModulesToSave, wrap
+from .layers import ADAPTER_MODULES, LoraLayer, wrap
 from .layers.principal import is_principal_init
 from .matching import AllLinearTarget, NameTarget, explain_misses, parse_targets, select, with_head
+from .tokens_plan import TokenTarget, resolve_tokens
 
 
 def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module | None]]:
     """``(path, module, wrapper)`` in model order, seen as if no adapter were injected.
 
-    A LoRA wrapper appears as its base layer (with the wrapper alongside); a ModulesToSave
-    as its original module; neither is descended into. Shared modules appear once, at their
+    A module holding adapters (LoRA wrapper, ModulesToSave, TrainableTokens) appears as the module
+    it stands in for, with the wrapper alongside, and is not descended into. Shared modules appear once, at their
     first path, as in ``named_modules``.
     """
     seen: set[int] = set()
@@ -33,10 +34,8 @@ def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Modul
                 continue
             seen.add(id(child))
             path = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, LoraLayer):
+            if isinstance(child, ADAPTER_MODULES):
                 yield path, child.base_layer, child
-            elif isinstance(child, ModulesToSave):
-                yield path, child.original_module, child
             else:
                 yield path, child, None
                 yield from walk(child, path)
@@ -69,6 +68,7 @@ class Plan:
     model: nn.Module | None
     wrappers: dict[str, LoraLayer]  # path -> wrapper (existing, or new and not yet attached)
     near_misses: str = ""  # for targets that matched nothing (lenient resolution only)
+    tokens: list[TokenTarget] = field(default_factory=list)  # trainable token rows, see tokens_plan.py
 
     @property
     def model_params(self) -> int:
@@ -77,7 +77,7 @@ class Plan:
 
     @property
     def added_params(self) -> int:
-        return sum(layer.added_params for layer in self.layers)
+        return sum(layer.added_params for layer in self.layers) + sum(t.added_params for t in self.tokens)
 
     def __str__(self) -> str:
         return self.table(grouped=False)
@@ -104,6 +104,8 @@ class Plan:
         )
         if self.modules_to_save:
             lines.append(f"trained in full: {', '.join(self.modules_to_save)}")
+        for token in self.tokens:
+            lines.append(f"trainable tokens: {token.describe()}")
         if self.near_misses:
             lines.append("targets that matched nothing:\n" + self.near_misses)
         return "\n".join(lines)
@@ -158,6 +160,11 @@ def resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_mus
     planned, wrappers = [], {}
     for path, module in chosen:
         wrapper = existing.get(path) or wrap(path, module)
+        if not isinstance(wrapper, LoraLayer):
+            raise UnsupportedModuleError(
+                f"{path!r} is already trained another way ({type(wrapper).__name__}: modules_to_save or trainable "
+                "tokens of another adapter), so LoRA cannot wrap it too. Leave it out of the targets."
+            )
         if adapter in wrapper.r:
             raise AdapterExistsError(
                 f"Adapter {adapter!r} already exists on {path!r}. Pick another name (adapter='...'), or "
@@ -175,8 +182,9 @@ def resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_mus
         wrappers[path] = wrapper
         planned.append(_planned(path, module, wrapper, config))
     saves = _modules_to_save(named, config.modules_to_save or (), every_target_must_match)
+    tokens = resolve_tokens(model, config, adapter, walked, set(wrappers), saves)
     misses = explain_misses(missed, named) if missed else ""
-    return Plan(planned, saves, model, wrappers, misses)
+    return Plan(planned, saves, model, wrappers, misses, tokens)
 
 
 def _planned(path: str, module: nn.Module, wrapper: LoraLayer, config: LoraConfig) -> PlannedLayer:

@@ -47,6 +47,8 @@ def verify_merge(base: Path, out: Path, matched: dict, out_dtype: torch.dtype | 
         with safe_open(str(path), "pt") as handle:
             files.update({k: path.name for k in handle.keys()})
     for key, edit in matched.items():
+        if edit.row_ids is not None:
+            _verify_token_rows(out / files[key], key, edit)
         if edit.kind is None:
             continue
         merged_path, base_path = str(out / files[key]), str(base / files[key])
@@ -67,3 +69,13 @@ def verify_merge(base: Path, out: Path, matched: dict, out_dtype: torch.dtype | 
                 f"--verify: {key} differs from an independent float64 computation by up to "
                 f"{error.max().item():.3g} (allowed {tolerance.max().item():.3g}); the output was not written."
             )
+
+
+def _verify_token_rows(path: Path, key: str, edit) -> None:
+    """Trainable tokens: each trained row must be in the output as its value rounded to the output dtype."""
+    with safe_open(str(path), "pt") as handle:
+        tensor = handle.get_slice(key)
+        got = torch.stack([tensor[int(i):int(i) + 1][0] for i in edit.row_ids[:ROWS_PER_TENSOR]])
+    expected = edit.row_values[:ROWS_PER_TENSOR].to(got.dtype)
+    if not torch.equal(got, expected):
+        raise MergeError(f"--verify: {key}: the trained token rows are not in the output; it was not written.")

@@ -106,6 +106,8 @@ MODELS = {"MLP": MLP, "EmbConv1D": EmbConv1D, "Conv1d": Conv1dNet, "Conv2d": Con
           "Conv2dGroups": Conv2dGroups, "Conv2dGroups2": Conv2dGroups2, "Conv3d": Conv3dNet, "MHA": Mha}
 
 LOADS = [  # (PEFT's case name, model, config)
+    ("Embedding + transformers Conv1D 1 LoRA trainable_tokens", "EmbConv1D",
+     {"target_modules": ["conv1d"], "trainable_token_indices": {"emb": [0, 10]}}),
     ("Vanilla MLP 1 LoRA", "MLP", {"target_modules": "lin0"}),
     ("Vanilla MLP 2 LoRA", "MLP", {"target_modules": ["lin0"]}),
     ("Vanilla MLP 3 LoRA", "MLP", {"target_modules": ["lin1"]}),
@@ -143,8 +145,6 @@ LOADS = [  # (PEFT's case name, model, config)
 ]
 
 REFUSALS = [  # (PEFT's case name, model, config, what the refusal names)
-    ("Embedding + transformers Conv1D 1 LoRA trainable_tokens", "EmbConv1D",
-     {"target_modules": ["conv1d"], "trainable_token_indices": {"emb": [0, 10]}}, "trainable_token_indices"),
     ("MHA 1 LoRA", "MHA", {"target_modules": ["mha"]}, "MultiheadAttention"),
     ("MHA 2 LoRA", "MHA", {"target_modules": ["mha", "lin0"]}, "MultiheadAttention"),
     ("MLP 2 using nn.Parameter LoRA", "MLP", {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]},

@@ -55,8 +55,6 @@ def test_each_math_changing_field_is_refused_by_name(field, strict, plain_adapte
     value = {"layer_replication": [[0, 1]], "alora_invocation_tokens": [5, 6]}.get(field, {"x": 1})
     if field.startswith("use_"):
         value = True
-    if field == "trainable_token_indices":
-        value = [1, 2]
     if field == "target_parameters":
         value = ["mlp.experts.gate_up_proj"]
     folder = _with_config(plain_adapter, tmp_path / "a", **{field: value})
@@ -64,16 +62,14 @@ def test_each_math_changing_field_is_refused_by_name(field, strict, plain_adapte
 
 
 @pytest.mark.parametrize("strict", [True, False])
-@pytest.mark.parametrize("kind", ["kasa", "trainable_tokens", "monteclora", "bdlora"])
+@pytest.mark.parametrize("kind", ["kasa", "monteclora", "bdlora"])
 def test_real_peft_files_of_unimplemented_variants_are_refused_by_name(kind, strict, tmp_path):
     configs = {
         "kasa": dict(kasa_config=peft.KasaConfig()),
-        "trainable_tokens": dict(trainable_token_indices=[1, 2]),
         "monteclora": dict(monteclora_config=peft.MontecloraConfig()),
         "bdlora": dict(use_bdlora=peft.BdLoraConfig(target_modules_bd_a=["q_proj"], nblocks=2, match_strict=False)),
     }
-    names = {"kasa": "kasa_config", "trainable_tokens": "trainable_token_indices",
-             "monteclora": "monteclora_config", "bdlora": "use_bdlora"}
+    names = {"kasa": "kasa_config", "monteclora": "monteclora_config", "bdlora": "use_bdlora"}
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules=["q_proj", "v_proj"], **configs[kind]))
     model.save_pretrained(tmp_path / "a")
     _assert_refused(tmp_path / "a", names[kind], strict=strict)

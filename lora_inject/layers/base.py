@@ -35,6 +35,8 @@ class LoraLayer(nn.Module):
     supports_dora = False
     supports_lora_bias = False
     supports_principal_init = False
+    merges_into_base = True  # merge writes into base_layer's weight (shared weights are untied first)
+    tied_to = None
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -260,6 +262,19 @@ class LoraLayer(nn.Module):
         if name not in self.r:
             raise AdapterNotFoundError(f"No adapter {name!r} on this layer; it has {self.adapter_names}.")
 
+    def set_base_layer(self, module: nn.Module) -> None:
+        self.base_layer = module
+
+    def unwrapped(self, keep_merged: bool) -> nn.Module:
+        """The base module to put back: merged adapters stay in its weight if ``keep_merged``, else are
+        subtracted; a PiSSA/OLoRA principal part goes back into the weight unless its adapter stays merged."""
+        if not keep_merged:
+            self.unmerge()
+        for name in list(self.principal):
+            if not (keep_merged and name in self.merged_adapters):
+                self.restore_principal_base(name)
+        return self.base_layer
+
     def _apply(self, fn, recurse: bool = True):
         """``.to()``, ``.half()``, ``.bfloat16()``, ``.cuda()``... move float32 adapter weights (and their
         gradients) but never narrow them to float16/bfloat16: with half-precision adapters most small
@@ -269,21 +284,8 @@ class LoraLayer(nn.Module):
         """
         for cache in ("_dora_squared", "_dora_kept", "_dora_fast", "_dora_nonzero"):  # they hold the old tensors
             self.__dict__.pop(cache, None)
-        keep = {
-            id(t) for name in self.r for p in self.adapter_parameters(name) if p.dtype == torch.float32
-            for t in (p, p.grad) if t is not None
-        }
-        if not keep:
-            return super()._apply(fn, recurse)
-
-        def keep_float32(t: torch.Tensor) -> torch.Tensor:
-            if id(t) in keep:
-                target = fn(t.new_empty(0))  # where and in which dtype fn would put t, without rounding it
-                if target.dtype in (torch.float16, torch.bfloat16):
-                    return t.to(device=target.device)
-            return fn(t)
-
-        return super()._apply(keep_float32, recurse)
+        params = [p for name in self.r for p in self.adapter_parameters(name) if p.dtype == torch.float32]
+        return apply_keeping_float32(self, params, fn, recurse)
 
     # ----- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -521,6 +523,23 @@ def merge_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """Where a merge computes ``W + scale * B @ A``: float32, or float64 if any of ``dtypes`` is
     (never narrower than the weight or the adapter; PEFT merges float64 in float64 too)."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def apply_keeping_float32(module: nn.Module, params: list[torch.Tensor], fn, recurse: bool = True):
+    """``nn.Module._apply`` that moves ``params`` (and their gradients) as ``fn`` asks but never narrows them
+    to float16/bfloat16: float32 master weights of adapters survive ``.half()``/``.bfloat16()``/``.to(dtype)``."""
+    keep = {id(t) for p in params for t in (p, p.grad) if t is not None}
+    if not keep:
+        return nn.Module._apply(module, fn, recurse)
+
+    def keep_float32(t: torch.Tensor) -> torch.Tensor:
+        if id(t) in keep:
+            target = fn(t.new_empty(0))  # where and in which dtype fn would put t, without rounding it
+            if target.dtype in (torch.float16, torch.bfloat16):
+                return t.to(device=target.device)
+        return fn(t)
+
+    return nn.Module._apply(module, keep_float32, recurse)
 
 
 def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:

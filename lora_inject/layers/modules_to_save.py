@@ -24,11 +24,44 @@ class ModulesToSave(nn.Module):
         self.adapters_disabled = False
 
     @property
+    def base_layer(self) -> nn.Module:
+        """The module this wrapper stands in for (every adapter-holding module has one)."""
+        return self.original_module
+
+    def set_base_layer(self, module: nn.Module) -> None:
+        self.original_module = module
+
+    def unwrapped(self, keep_merged: bool) -> nn.Module:
+        """The module to put back: the active trained copy when merging, else the untouched original."""
+        use_copy = keep_merged and self.active_adapter is not None and not self.adapters_disabled
+        return self.modules_to_save[self.active_adapter] if use_copy else self.original_module
+
+    @property
     def weight(self) -> torch.Tensor:
         """The running module's weight (the active copy, else the original), for code written for the plain
         module (``get_input_embeddings().weight``), as PEFT's wrapper gives it."""
         running = self.active_adapter is not None and not self.adapters_disabled
         return (self.modules_to_save[self.active_adapter] if running else self.original_module).weight
+
+    merged_adapters: tuple[str, ...] = ()  # a trained copy replaces the module; nothing is ever merged
+    merges_into_base = False
+    tied_to = None
+
+    def merge_refusal(self, name: str | None = None) -> None:
+        return None
+
+    def check_merge(self, name: str) -> None:
+        """The copy is used as it is; nothing is computed at merge."""
+
+    def merge(self, names) -> None:
+        """Nothing to fold in: the trained copy runs as it is (and replaces the original at unload)."""
+
+    def unmerge(self) -> None:
+        """Nothing was merged."""
+
+    @property
+    def active_adapters(self) -> tuple[str, ...]:
+        return () if self.active_adapter is None else (self.active_adapter,)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -46,6 +79,10 @@ class ModulesToSave(nn.Module):
         del self.modules_to_save[name]
         if self.active_adapter == name:
             self.active_adapter = None
+
+    def containers(self, name: str) -> tuple[str, ...]:
+        """Where adapter ``name``'s tensors live in the state dict: ``modules_to_save.<name>.*``."""
+        return ("modules_to_save",)
 
     def adapter_parameters(self, name: str):
         return self.modules_to_save[name].parameters()
