@@ -312,3 +312,16 @@ def test_file_rows_without_ids_in_the_config_are_refused(tmp_path):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
     with warnings.catch_warnings(), pytest.raises(LoraInjectError, match="shape mismatch"):
         li.load_adapter(copy.deepcopy(base), tmp_path / "a")
+
+
+def test_resuming_reads_the_rows_back_into_the_injected_adapter(tmp_path):
+    model = li.inject(tiny_llama(tie_word_embeddings=True), targets=["q_proj"], trainable_tokens=IDS)
+    _perturb(model)
+    li.save_adapter(model, tmp_path / "ckpt")
+    saved = {k: v.clone() for k, v in li.lora_state_dict(model).items()}
+    rows = model.get_input_embeddings().rows("default")
+    _perturb(model)
+    li.load_adapter_weights(model, tmp_path / "ckpt")
+    assert model.get_input_embeddings().rows("default") is rows  # the optimizer's parameter, refilled in place
+    for key, value in li.lora_state_dict(model).items():
+        assert torch.equal(value, saved[key]), key
