@@ -25,6 +25,7 @@ from .errors import (
 from .inject import (
     active_adapters,
     adapter_configs,
+    copy_adapter,
     delete_adapter,
     disabled_adapters,
     inject,
@@ -34,6 +35,7 @@ from .inject import (
     reset_adapters,
     set_adapter,
     trainable_parameters,
+    using_adapter,
 )
 from .io import load_adapter, load_adapter_weights, read_adapter_config, read_adapter_tensors, save_adapter
 from .layers import (
@@ -84,6 +86,7 @@ __all__ = [
     "active_adapters",
     "adapter_configs",
     "delete_adapter",
+    "copy_adapter",
     "disabled_adapters",
     "from_pretrained",
     "inject",
@@ -104,6 +107,7 @@ __all__ = [
     "save_adapter",
     "set_adapter",
     "trainable_parameters",
+    "using_adapter",
     "unload",
     "unmerge",
 ]

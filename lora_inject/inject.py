@@ -222,6 +222,63 @@ def set_adapter(model: nn.Module, names: str | Iterable[str]) -> None:
         module.set_active(names)
 
 
+@contextlib.contextmanager
+def using_adapter(model: nn.Module, names: str | Iterable[str] | None) -> Iterator[nn.Module]:
+    """Inside the block ``names`` run instead of the active adapters (``None``: none, the base model).
+
+    Which parameters require grad does not change, so an optimizer built for the active adapter is
+    unaffected; the previous adapters are active again on exit, also when the block raises. This is
+    how a preference trainer runs a frozen reference adapter on the policy's own weights.
+    """
+    inner = unwrap(model)
+    wanted = [] if names is None else ([names] if isinstance(names, str) else list(names))
+    for name in wanted:
+        _require_adapter(inner, name)
+    modules = [m for _, m in _adapter_modules(inner)]
+    before = [m.active_adapters for m in modules]
+    try:
+        for module in modules:
+            module.set_active(wanted, trainable=False)
+        yield model
+    finally:
+        for module, names_before in zip(modules, before):
+            module.set_active(names_before, trainable=False)
+
+
+def copy_adapter(model: nn.Module, source: str, target: str) -> nn.Module:
+    """Add adapter ``target``, a frozen copy of adapter ``source`` (same layers, config and values); the
+    active adapters stay as they were. For a reference policy in preference training, or a snapshot."""
+    inner = unwrap(model)
+    check_adapter_name(target)
+    _require_adapter(inner, source)
+    require_new_adapter(inner, target)
+    config = getattr(inner, _STATE_ATTR)[source]
+    copy_config = config.replace(init=True)  # the values are copied: a PiSSA/OLoRA init must not run again
+    active = active_adapters(inner)
+    inject_resolved(inner, resolve(inner, copy_config, target, every_target_must_match=False), copy_config, target)
+    try:
+        _copy_values(inner, source, target)
+    except BaseException:
+        delete_adapter(inner, target)
+        raise
+    finally:
+        for _, module in _adapter_modules(inner):
+            module.set_active(active)
+    return model
+
+
+def _copy_values(model: nn.Module, source: str, target: str) -> None:
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    with torch.no_grad():
+        for key, value in adapter_state(model, source).items():
+            parts = key.split(".")
+            if source not in parts:
+                continue  # a trained base bias (bias="lora_only"/"all") is one tensor for all adapters
+            parts[len(parts) - 1 - parts[::-1].index(source)] = target
+            tensors[".".join(parts)].copy_(value)
+
+
 def active_adapters(model: nn.Module) -> list[str]:
     for _, layer in lora_layers(model):
         return list(layer.active_adapters)

@@ -238,12 +238,14 @@ class LoraLayer(nn.Module):
         for container in self.containers(name):
             yield from _params_of(getattr(self, container)[name])
 
-    def set_active(self, names: Iterable[str]) -> None:
+    def set_active(self, names: Iterable[str], trainable: bool = True) -> None:
+        """Run ``names``; with ``trainable`` their parameters (only) require grad, else grads stay as they are."""
         names = tuple(n for n in names if n in self.r)
         self.active_adapters = names
-        for name in self.r:
-            for p in self.adapter_parameters(name):
-                p.requires_grad_(name in names)
+        if trainable:
+            for name in self.r:
+                for p in self.adapter_parameters(name):
+                    p.requires_grad_(name in names)
         self._refresh_running()
 
     def _refresh_running(self) -> None:

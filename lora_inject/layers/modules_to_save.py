@@ -87,11 +87,12 @@ class ModulesToSave(nn.Module):
     def adapter_parameters(self, name: str):
         return self.modules_to_save[name].parameters()
 
-    def set_active(self, names) -> None:
+    def set_active(self, names, trainable: bool = True) -> None:
         names = [n for n in names if n in self.modules_to_save]
         self.active_adapter = names[0] if names else None
-        for name, module in self.modules_to_save.items():
-            module.requires_grad_(name == self.active_adapter)
+        if trainable:
+            for name, module in self.modules_to_save.items():
+                module.requires_grad_(name == self.active_adapter)
 
     def follow_base_resize(self) -> None:
         """``original_module`` was resized in place (``resize_token_embeddings``): each trained copy keeps its

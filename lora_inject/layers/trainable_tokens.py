@@ -174,12 +174,13 @@ class TrainableTokens(nn.Module):
     def adapter_parameters(self, name: str) -> Iterable[nn.Parameter]:
         return [self.rows(name)] if self._tied_to is None else []
 
-    def set_active(self, names: Iterable[str]) -> None:
+    def set_active(self, names: Iterable[str], trainable: bool = True) -> None:
         names = [n for n in names if n in self.adapter_names]
         self._check_disjoint(names)
         self.active_adapters = tuple(names)
-        for name, rows in self.token_adapter.trainable_tokens_delta.items():
-            rows.requires_grad_(name in names)
+        if trainable:
+            for name, rows in self.token_adapter.trainable_tokens_delta.items():
+                rows.requires_grad_(name in names)
 
     def set_disabled(self, disabled: bool) -> None:
         self.adapters_disabled = disabled
