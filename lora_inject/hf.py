@@ -207,6 +207,29 @@ def enable_gradient_checkpointing(model: nn.Module, *, reentrant: bool = False) 
     return model
 
 
+def prepare_for_kbit_training(
+    model: nn.Module, *, gradient_checkpointing: bool = True, reentrant: bool = False
+) -> nn.Module:
+    """Get a model with a quantized (4/8-bit) base ready for LoRA training, as PEFT's
+    ``prepare_model_for_kbit_training`` does; call it before :func:`lora_inject.inject`.
+
+    Freezes every parameter; gives every float16/bfloat16 parameter that is not quantized (norms,
+    embeddings, head) float32, so the norms and the adapters' inputs are computed stably; turns on
+    gradient checkpointing with gradients reaching the adapters (see :func:`enable_gradient_checkpointing`).
+    """
+    from .quantized import quantized_kind
+
+    model.requires_grad_(False)
+    for module in model.modules():
+        quantized = quantized_kind(module) is not None
+        for name, param in module.named_parameters(recurse=False):
+            if param.dtype in (torch.float16, torch.bfloat16) and not (quantized and name == "weight"):
+                param.data = param.data.to(torch.float32)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model, reentrant=reentrant)
+    return model
+
+
 def untie_note(model: nn.Module) -> None:
     """Record in a transformers config that input and output embeddings are no longer tied."""
     config = getattr(model, "config", None)
@@ -226,4 +249,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lora_inject.hf' has no attribute {name!r}")
 
 
-__all__ = ["enable_gradient_checkpointing", "from_pretrained", "untie_note"]
+__all__ = ["enable_gradient_checkpointing", "from_pretrained", "prepare_for_kbit_training", "untie_note"]

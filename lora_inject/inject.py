@@ -15,6 +15,7 @@ from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError
 from .guards import check_not_distributed, unwrap
 from .layers import ADAPTER_MODULES, LoraLayer, ModulesToSave, TrainableTokens
 from .plan import Plan, resolve
+from .quantized import logical_numel
 
 _STATE_ATTR = "_lora_inject_configs"  # {adapter name: LoraConfig} kept on the model
 CARRIED_ATTR = "_lora_inject_carried"  # module paths whose full weight is saved with every adapter
@@ -361,11 +362,13 @@ class ParamCount(NamedTuple):
 
 
 def trainable_parameters(model: nn.Module) -> ParamCount:
-    """How many parameters train, of how many in all (shared parameters counted once)."""
+    """How many parameters train, of how many in all (shared parameters counted once; a packed 4-bit
+    weight counts as the weights it holds, as PEFT counts it)."""
     trainable = total = 0
     for param in model.parameters():
-        total += param.numel()
-        trainable += param.numel() if param.requires_grad else 0
+        numel = logical_numel(param)
+        total += numel
+        trainable += numel if param.requires_grad else 0
     return ParamCount(trainable, total)
 
 

@@ -16,6 +16,7 @@ from .errors import AdapterExistsError, ConfigError, TargetNotFoundError, Unsupp
 from .layers import ADAPTER_MODULES, LoraLayer, wrap
 from .layers.principal import is_principal_init
 from .matching import AllLinearTarget, NameTarget, explain_misses, parse_targets, select, with_head
+from .quantized import logical_numel, logical_weight_shape, quantized_kind
 from .tokens_plan import TokenTarget, resolve_tokens
 
 
@@ -57,6 +58,7 @@ class PlannedLayer:
     alpha: float
     scale: float
     added_params: int
+    quantized: str | None = None  # the base's quantization backend, e.g. "bitsandbytes 4-bit"
 
 
 @dataclass
@@ -87,7 +89,8 @@ class Plan:
         groups: dict[tuple, list[PlannedLayer]] = {}
         for p in self.layers:
             name = _LAYER_INDEX.sub(".*.", p.path) if grouped else p.path
-            groups.setdefault((name, p.module_type, p.weight_shape, p.r, p.scale), []).append(p)
+            kind = f"{p.module_type} ({p.quantized})" if p.quantized else p.module_type
+            groups.setdefault((name, kind, p.weight_shape, p.r, p.scale), []).append(p)
         rows = [("module", "count", "type", "weight shape", "r", "scale", "added params")]
         rows += [
             (name, str(len(members)), kind, "x".join(map(str, shape)), str(r), f"{scale:g}",
@@ -170,6 +173,7 @@ def resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_mus
                 f"Adapter {adapter!r} already exists on {path!r}. Pick another name (adapter='...'), or "
                 "remove it first with lora_inject.delete_adapter(model, name)."
             )
+        _check_quantized(path, module, config)
         if config.dora:
             _check_dora(path, module, wrapper)
         if config.lora_bias:
@@ -189,11 +193,29 @@ def resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_mus
 
 def _planned(path: str, module: nn.Module, wrapper: LoraLayer, config: LoraConfig) -> PlannedLayer:
     r = config.rank_for(path)
-    shape = tuple(module.weight.shape)
+    shape = logical_weight_shape(module)
     added = sum(math.prod(s) for s in wrapper.adapter_shapes(r, config.dora, config.lora_bias).values())
+    kind = quantized_kind(module)
     return PlannedLayer(
-        path, type(module).__name__, shape, r, config.alpha_for(path), config.scale_for(path), added
+        path, type(module).__name__, shape, r, config.alpha_for(path), config.scale_for(path), added,
+        kind.name if kind else None,
     )
+
+
+def _check_quantized(path: str, module: nn.Module, config: LoraConfig) -> None:
+    """A quantized base trains plain LoRA; a backend that cannot train, or DoRA/PiSSA/OLoRA (which read or
+    rewrite the weight in float), are refused here rather than failing later."""
+    kind = quantized_kind(module)
+    if kind is None:
+        return
+    if kind.refusal:
+        raise UnsupportedModuleError(f"Cannot adapt {path!r} ({type(module).__name__}, {kind.name}): {kind.refusal}")
+    if config.dora or is_principal_init(config.init):
+        what = "DoRA" if config.dora else f"init={config.init!r}"
+        raise UnsupportedModuleError(
+            f"{what} on {path!r} is not implemented for a quantized base ({kind.name}); use plain LoRA on it, or "
+            "train on the float model."
+        )
 
 
 def _check_dora(path: str, module: nn.Module, wrapper: LoraLayer) -> None:
@@ -241,7 +263,7 @@ def _modules_to_save(named, names, must_match: bool = True) -> list[str]:
 
 def _base_param_count(model: nn.Module) -> int:
     """Parameters of the model without any adapter weights."""
-    total = sum(p.numel() for p in model.parameters(recurse=False))
+    total = sum(logical_numel(p) for p in model.parameters(recurse=False))
     for _, module, _ in logical_modules(model):
-        total += sum(p.numel() for p in module.parameters(recurse=False))
+        total += sum(logical_numel(p) for p in module.parameters(recurse=False))
     return total

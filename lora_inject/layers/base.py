@@ -17,6 +17,7 @@ from torch import nn
 from torch.compiler import is_compiling
 
 from ..errors import AdapterExistsError, AdapterNotFoundError, MergeError
+from ..quantized import quantized_kind
 from .dora import DoraEntry, Magnitude, norm_dtype, row_norms, squared_row_norms
 
 
@@ -79,6 +80,15 @@ class LoraLayer(nn.Module):
 
     def merge_refusal(self, name: str | None = None) -> str | None:
         """Why this layer's adapters (or adapter ``name``) cannot be merged into its weight, or None."""
+        kind = quantized_kind(self.base_layer)
+        if kind is not None:
+            return (
+                f"the base layer is quantized ({kind.name}): adding the update to it means quantizing again, which "
+                "rounds most of a small update away. Merge into float weights instead: "
+                "lora_inject.merge_and_unload(model, dequantize=torch.bfloat16) gives a float model, and "
+                "`lora-inject merge BASE ADAPTER OUT` merges the saved adapter into the full-precision checkpoint. "
+                "merge(..., requantize=True) re-quantizes anyway and reports the error."
+            )
         if name is not None and self.use_lora_bias.get(name) and self.bias is None:
             return (
                 f"adapter {name!r} has a bias on B (lora_bias), but the base layer has no bias to merge it into; "
@@ -442,8 +452,37 @@ class LoraLayer(nn.Module):
         self._refresh_running()
         return done
 
+    def merge_requantized(self, names: Iterable[str]) -> tuple[float, float]:
+        """Merge adapters into a quantized base: dequantize, add ``s * B @ A`` in float32, quantize again.
+
+        The quantized weight before is kept, so :meth:`unmerge` restores it exactly. Returns the
+        Frobenius norms ``(||Q(W + dW) - (W + dW)||, ||dW||)``: what re-quantizing lost, against the update.
+        """
+        names = [n for n in names if n not in self.merged_adapters]
+        kind = quantized_kind(self.base_layer)
+        if kind is None or kind.requantize is None:
+            raise MergeError(f"{kind.name if kind else 'A float'} base: no quantized format to re-quantize into.")
+        if not names:
+            return 0.0, 0.0
+        with torch.no_grad():
+            merged = kind.dequantize(self.base_layer).float()
+            delta = sum(self.delta_weight(n).float() for n in names)
+            merged += delta
+            self.__dict__.setdefault("_quantized_before_merge", kind.snapshot(self.base_layer))
+            self.base_layer.weight = kind.requantize(self.base_layer, merged)
+            lost = torch.linalg.vector_norm(kind.dequantize(self.base_layer).float() - merged).item()
+        self.merged_adapters.extend(names)
+        self._refresh_running()
+        return lost, torch.linalg.vector_norm(delta).item()
+
     def unmerge(self) -> None:
-        """Subtract every merged adapter again, last merged first, in float32 (float64 where W or the adapter is)."""
+        """Subtract every merged adapter again, last merged first, in float32 (float64 where W or the adapter is).
+        A quantized base merged with re-quantization gets its quantized weight from before back, exactly."""
+        if "_quantized_before_merge" in self.__dict__:
+            quantized_kind(self.base_layer).restore(self.base_layer, self.__dict__.pop("_quantized_before_merge"))
+            self.merged_adapters.clear()
+            self._refresh_running()
+            return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():
