@@ -38,17 +38,18 @@ def llama(hidden=512, layers=4, vocab=2000, intermediate=None, device=None, dtyp
     return t.LlamaForCausalLM(config).to(device=device or TARGET["device"], dtype=dtype or TARGET["dtype"])
 
 
-def ours(base, r=16, dropout=0.0, targets=SEVEN, dora=False):
+def ours(base, r=16, dropout=0.0, targets=SEVEN, dora=False, copy_base=True):
     import lora_inject as li
 
-    return li.inject(copy.deepcopy(base), targets=targets, r=r, alpha=2 * r, dropout=dropout, dora=dora)
+    model = copy.deepcopy(base) if copy_base else base
+    return li.inject(model, targets=targets, r=r, alpha=2 * r, dropout=dropout, dora=dora)
 
 
-def peft(base, r=16, dropout=0.0, targets=SEVEN, dora=False):
+def peft(base, r=16, dropout=0.0, targets=SEVEN, dora=False, copy_base=True):
     import peft as p
 
     config = p.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets, use_dora=dora)
-    return p.get_peft_model(copy.deepcopy(base), config)
+    return p.get_peft_model(copy.deepcopy(base) if copy_base else base, config)
 
 
 def adapter_gemms(base, tokens: int, r: int = 16, targets=SEVEN, train: bool = True) -> Callable:

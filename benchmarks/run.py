@@ -49,14 +49,14 @@ def _train_step(model, ids, optimizer):
     return step
 
 
-def _frozen_base_step(base, ids):
+def _frozen_base_step(base, ids, copy_base: bool = True):
     """The floor for any LoRA library: the backward every frozen layer needs, no adapter at all.
 
     A zero scalar added to the first layer's q/k/v outputs makes exactly the tensors require
     grad that do under LoRA on all seven projections: the attention's backward runs in every
     layer, but the first layer's q/k/v inputs need no grad_x (a LoRA step computes none there).
     """
-    frozen = copy.deepcopy(base).train().requires_grad_(False)
+    frozen = (copy.deepcopy(base) if copy_base else base).train().requires_grad_(False)
     spark = torch.zeros((), device=TARGET["device"], dtype=TARGET["dtype"], requires_grad=True)
     attention = frozen.model.layers[0].self_attn
     for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
@@ -329,6 +329,60 @@ def bench_overhead(repeats: int) -> list[str]:
     return lines
 
 
+def _held_bytes(model) -> int:
+    """Bytes of every tensor the model holds between calls: parameters, gradients, buffers and tensors kept
+    in module attributes (caches), each storage once."""
+    seen: dict[int, int] = {}
+
+    def visit(value):
+        if isinstance(value, torch.Tensor):
+            seen[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name not in ("_modules", "_forward_hooks", "_forward_pre_hooks"):
+                visit(value)
+        for param in module.parameters(recurse=False):
+            visit(param.grad)
+    return sum(seen.values())
+
+
+def bench_qlora(repeats: int) -> list[str]:
+    """LoRA on all seven projections of a bitsandbytes nf4 (double-quant) base, float32 compute, batch 4 x 256:
+    what each library adds above the frozen quantized base's own step, and what it holds."""
+    import transformers as t
+
+    with tempfile.TemporaryDirectory() as folder:
+        llama(hidden=512).save_pretrained(folder)
+        nf4 = t.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.float32)
+        models = [t.AutoModelForCausalLM.from_pretrained(folder, quantization_config=nf4) for _ in range(3)]
+    a, b, frozen = ours(models[0], copy_base=False).train(), peft(models[1], copy_base=False).train(), models[2]
+    ids = token_ids(4, 256)
+    steps = {name: _train_step(m, ids, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4))
+             for name, m in (("ours", a), ("peft", b))}
+    steps["frozen"] = _frozen_base_step(frozen, ids, copy_base=False)
+    r = rotating_ratios(steps, "peft", repeats=2 * repeats)
+    added = (r["ours"] - r["frozen"]) / (1 - r["frozen"])
+    floor = _held_bytes(frozen)  # the quantized model itself
+    held = {name: (_held_bytes(m) - floor - sum(p.numel() * p.element_size() for p in m.parameters()
+                                               if p.requires_grad)) / 2**20 for name, m in (("ours", a), ("peft", b))}
+    saved = {name: saved_bytes(lambda m=m: m(input_ids=ids, labels=ids).loss) / 2**20
+             for name, m in (("ours", a), ("peft", b))}
+    return [
+        f"QLoRA (nf4) train step: ours / PEFT {r['ours']:.3f}; the frozen nf4 base alone is {r['frozen']:.3f} of "
+        f"PEFT's step; what LoRA adds above it: ours {added:.2f}x PEFT's",
+        f"QLoRA saved for backward: ours {saved['ours']:.1f} MiB, PEFT {saved['peft']:.1f} MiB; held between steps "
+        f"beyond the quantized model and the adapters: ours {held['ours']:.2f} MiB, PEFT {held['peft']:.2f} MiB",
+    ]
+
+
 SECTIONS = {
     "train": lambda r: bench_train(0.0, r) + bench_train(0.05, r),
     "dropout-memory": lambda r: bench_dropout_memory(),
@@ -339,6 +393,7 @@ SECTIONS = {
     "overhead": lambda r: bench_overhead(r),
     "inject": lambda r: bench_inject(r),
     "merge": lambda r: bench_merge(r),
+    "qlora": lambda r: bench_qlora(r),
 }
 
 

@@ -48,6 +48,7 @@ from .layers import (
     TrainableTokens,
     register,
 )
+from .loftq import loftq
 from .merging import merge, merge_and_unload, unload, unmerge
 from .optim import loraplus_optimizer, loraplus_param_groups
 from .presets import preset
@@ -87,6 +88,7 @@ __all__ = [
     "adapter_configs",
     "delete_adapter",
     "copy_adapter",
+    "loftq",
     "disabled_adapters",
     "from_pretrained",
     "inject",

@@ -24,8 +24,12 @@ def _load_config(model: str):
     return transformers.AutoConfig.from_pretrained(model)
 
 
-def build_on_meta(model: str):
-    """The model of ``model`` (folder, config.json or hub id) on the meta device: no weights read or allocated."""
+def build_on_meta(model: str, bits: int | None = None):
+    """The model of ``model`` (folder, config.json or hub id) on the meta device: no weights read or allocated.
+
+    ``bits`` (4 or 8), or a bitsandbytes ``quantization_config`` in the config, gives its Linear layers
+    bitsandbytes' types, as ``from_pretrained(..., quantization_config=...)`` would (head kept float).
+    """
     import torch
     import transformers
 
@@ -34,7 +38,26 @@ def build_on_meta(model: str):
     for name in getattr(config, "architectures", None) or ():
         cls = getattr(transformers, name, cls)
     with torch.device("meta"):
-        return cls.from_config(config) if cls is transformers.AutoModel else cls(config)
+        built = cls.from_config(config) if cls is transformers.AutoModel else cls(config)
+    quantization = _bnb_config(config, bits)
+    if quantization is not None:
+        from transformers.integrations import replace_with_bnb_linear
+
+        with torch.device("meta"):
+            built = replace_with_bnb_linear(built, modules_to_not_convert=["lm_head"], quantization_config=quantization)
+    return built
+
+
+def _bnb_config(config, bits: int | None):
+    import transformers
+
+    if bits is not None:
+        return transformers.BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8)
+    saved = getattr(config, "quantization_config", None)
+    saved = saved.to_dict() if hasattr(saved, "to_dict") else saved
+    if isinstance(saved, dict) and saved.get("quant_method") == "bitsandbytes":
+        return transformers.BitsAndBytesConfig.from_dict(saved)
+    return None
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -43,7 +66,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .presets import preset
 
     start = time.perf_counter()
-    model = build_on_meta(args.model)
+    model = build_on_meta(args.model, args.bits)
     targets = args.targets or (preset(args.preset) if args.preset else None)
     config = LoraConfig(r=args.r, alpha=args.alpha, targets=targets, dora=args.dora)
     if targets is not None:
@@ -87,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--alpha", type=float, default=16.0, help="alpha (default 16)")
     inspect.add_argument("--full", action="store_true", help="one row per module instead of per layer pattern")
     inspect.add_argument("--dora", action="store_true", help="DoRA: count the magnitude vectors too")
+    inspect.add_argument("--bits", type=int, choices=[4, 8], help="as loaded with bitsandbytes in 4 or 8 bits (QLoRA)")
     inspect.set_defaults(func=cmd_inspect)
 
     merge = sub.add_parser("merge", help="fold an adapter into a safetensors checkpoint, streaming")

@@ -43,7 +43,10 @@ def _bnb_4bit_dequantize(module: nn.Module) -> torch.Tensor:
 
 def _bnb_4bit_shape(weight: torch.Tensor) -> tuple[int, ...]:
     state = getattr(weight, "quant_state", None)
-    return tuple(state.shape) if state is not None else (weight.numel() * 2,)
+    if state is not None:
+        return tuple(state.shape)
+    packed = weight.dtype == torch.uint8 and weight.dim() == 2 and weight.shape[1] == 1  # two values a byte
+    return (weight.numel() * 2,) if packed else tuple(weight.shape)  # not quantized yet (meta, before .to())
 
 
 def _bnb_4bit_requantize(module: nn.Module, merged: torch.Tensor) -> nn.Parameter:
@@ -191,5 +194,10 @@ def logical_numel(param: torch.Tensor) -> int:
 
 
 def logical_weight_shape(module: nn.Module) -> tuple[int, ...]:
+    """The weight's shape as the layer computes with it: (out, in) for a quantized Linear, however stored."""
     kind = quantized_kind(module)
-    return kind.logical_shape(module.weight) if kind is not None else tuple(module.weight.shape)
+    if kind is None:
+        return tuple(module.weight.shape)
+    if isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int):
+        return module.out_features, module.in_features
+    return kind.logical_shape(module.weight)

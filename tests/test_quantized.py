@@ -245,3 +245,34 @@ def test_qlora_example_runs(tmp_path):
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in config
+
+
+def test_inspect_shows_a_checkpoint_as_qlora_would_load_it(float_dir, capsys):
+    assert main(["inspect", str(float_dir), "--targets", "q_proj", "down_proj", "--bits", "4"]) == 0
+    table = capsys.readouterr().out
+    assert "Linear4bit (bitsandbytes 4-bit)  64x64" in table and "64x128" in table
+    assert main(["inspect", str(float_dir), "--targets", "q_proj", "--bits", "8"]) == 0
+    assert "Linear8bitLt (bitsandbytes 8-bit)" in capsys.readouterr().out
+
+
+def test_loftq_takes_the_best_rank_r_part_of_the_quantization_error(float_dir):
+    model = li.inject(BACKENDS["bnb_nf4_double_quant"](float_dir), targets=TARGETS, r=8, alpha=32)
+    with torch.no_grad():
+        before = model(X).logits
+    errors = li.loftq(model, float_dir)
+    assert len(errors) == 2 * len(TARGETS)
+    float_model = t.AutoModelForCausalLM.from_pretrained(float_dir)
+    for path, (error_before, error_after) in errors.items():
+        layer = model.get_submodule(path)
+        weight = float_model.get_submodule(path).weight.detach()
+        residual = weight - li.quantized.dequantized_weight(layer.base_layer)
+        singular = torch.linalg.svdvals(residual)
+        assert error_before == pytest.approx(singular.norm().item(), rel=1e-5)
+        assert error_after == pytest.approx(singular[8:].norm().item(), rel=1e-4)  # Eckart-Young: optimal
+        merged = li.quantized.dequantized_weight(layer.base_layer) + layer.delta_weight("default")
+        torch.testing.assert_close(torch.linalg.vector_norm(weight - merged).item(), error_after, rtol=1e-4, atol=0)
+    with torch.no_grad():  # the adapted model is now closer to the float model than the plain nf4 model
+        want = float_model(X).logits
+        assert (model(X).logits - want).norm() < (before - want).norm()
+    with pytest.raises(li.ConfigError, match="no quantized Linear"):
+        li.loftq(li.inject(tiny_llama(), targets=["q_proj"]), float_dir)
