@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from .batching import batch_adapters
 from .config import LoraConfig
 from .errors import (
     AdapterExistsError,
@@ -66,6 +67,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lora_inject' has no attribute {name!r}")
 
 __all__ = [
+    "batch_adapters",
     "AdapterExistsError",
     "AdapterFileError",
     "AdapterNotFoundError",

@@ -281,15 +281,19 @@ def _copy_values(model: nn.Module, source: str, target: str) -> None:
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    for _, layer in lora_layers(model):
-        return list(layer.active_adapters)
-    return []
+    """The adapters that run (and train) now, in the order they were added."""
+    inner = unwrap(model)
+    running = {n for _, m in _adapter_modules(inner) for n in m.active_adapters}
+    return [name for name in getattr(inner, _STATE_ATTR, {}) if name in running]
 
 
 @contextlib.contextmanager
 def disabled_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes as the base model (merged adapters are unmerged first)."""
     modules = [m for _, m in _adapter_modules(unwrap(model))]
+    if any(m.__dict__.get("_routing") is not None for m in modules):
+        raise ConfigError("disabled_adapters inside batch_adapters: the per-row names would be ignored. Leave the "
+                          "batch_adapters block first, or give the rows that should run the base model None.")
     merged = {id(m): list(m.merged_adapters) for m in modules}
     for module in modules:
         module.unmerge()

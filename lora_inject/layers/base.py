@@ -59,6 +59,7 @@ class LoraLayer(nn.Module):
             # what forward needs per running adapter (active, not merged), precomputed on each
             # state change so the hot path does no dictionary lookups: (factor containers, scale, p)
             _running=(),
+            _routing=None,  # a per-row routing while lora_inject.batch_adapters is active (see batching.py)
         )
 
     # ----- what subclasses provide -----------------------------------------------------------
@@ -260,11 +261,13 @@ class LoraLayer(nn.Module):
 
     def _refresh_running(self) -> None:
         names = () if self.adapters_disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
-        self._running = tuple(
-            DoraEntry(n, self.scaling[n], self.lora_dropout[n], self._entry(n, dropout=0.0)) if self.use_dora.get(n)
-            else self._entry(n)
-            for n in names
-        )
+        self._running = tuple(self._running_entry(n) for n in names)
+
+    def _running_entry(self, name: str) -> tuple:
+        """What forward needs to run adapter ``name``: a :class:`DoraEntry` for DoRA, else :meth:`_entry`."""
+        if self.use_dora.get(name):
+            return DoraEntry(name, self.scaling[name], self.lora_dropout[name], self._entry(name, dropout=0.0))
+        return self._entry(name)
 
     def set_disabled(self, disabled: bool) -> None:
         self.adapters_disabled = disabled
@@ -301,12 +304,36 @@ class LoraLayer(nn.Module):
 
     # ----- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self._routing is not None:
+            return self._routed_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for entry in self._running:
             if type(entry) is DoraEntry:
                 result = self._add_dora(entry, x, result)
             else:
                 result = self._add_lora(entry, x, result)
+        return result
+
+    # ----- one adapter per row (lora_inject.batch_adapters) -------------------------------------
+    def _routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Each row of ``x`` (dim 0) with its own adapter: the base once, then each adapter on its rows.
+
+        The general path, for every layer type and for training; wrappers with a faster way (grouped
+        matmuls over stacked factors) override it and fall back here where that way does not apply.
+        """
+        result = self.base_layer(x, *args, **kwargs)
+        routing = self._routing
+        group = routing.rows(x.shape[0], x.device)
+        for g, name in enumerate(routing.distinct):
+            if name not in self.r:
+                continue  # this adapter does not adapt this layer: its rows keep the base output
+            rows = (group == g).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            entry = self._running_entry(name)
+            x_rows, res_rows = x.index_select(0, rows), result.index_select(0, rows)
+            add = self._add_dora if type(entry) is DoraEntry else self._add_lora
+            result = result.index_copy(0, rows, add(entry, x_rows, res_rows))
         return result
 
     # ----- DoRA -------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..errors import UnsupportedModuleError
 from .base import LoraLayer, resize_parameter
+from .linear import grouped_matmul
 
 
 class LoraEmbedding(LoraLayer):
@@ -85,6 +86,47 @@ class LoraEmbedding(LoraLayer):
         if embed_scale is not None:
             update = update * (embed_scale.to(update.dtype) if torch.is_tensor(embed_scale) else embed_scale)
         return result + update
+
+    def _routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Every row's adapter at once, without autograd: one gather from the stacked ``A.T`` rows, one grouped
+        matmul with the stacked ``(s * B).T``. DoRA and training take the general path."""
+        names = self._routing.distinct
+        if args or kwargs or torch.is_grad_enabled() or any(self.use_dora.get(n) for n in names):
+            return super()._routed_forward(x, *args, **kwargs)
+        result = self.base_layer(x)
+        rows = x.shape[0]
+        ids = x.reshape(-1)  # (M,)
+        group, order, ends = self._routing.tokens(rows, ids.numel() // rows, x.device)
+        a_rows, b_t = self._stacked(names, result.dtype, x.device)  # (G+1, V, r), (G+1, r, D)
+        after_a = a_rows[group, ids]  # (M, r): each token's row of its adapter's A.T
+        delta = grouped_matmul(after_a.index_select(0, order), b_t, ends)  # (M, D), sorted by adapter
+        embed_scale = getattr(self.base_layer, "embed_scale", None)
+        if embed_scale is not None:
+            delta = delta * (embed_scale.to(delta.dtype) if torch.is_tensor(embed_scale) else embed_scale)
+        out = result.reshape(-1, result.shape[-1])
+        return out.index_add_(0, order, delta).view(result.shape)
+
+    def _stacked(self, names: tuple, dtype: torch.dtype, device: torch.device):
+        """``A.T`` (G+1, V, r_max) and ``(s * B).T`` (G+1, r_max, D) of ``names``, zero-padded, zero for
+        absent names and the base slot; kept until a factor changes."""
+        present = [n for n in names if n in self.r]
+        params = [p for n in present for p in self.adapter_parameters(n)]
+        key = (names, dtype, device, tuple((p.data_ptr(), p._version) for p in params),
+               tuple(self.scaling[n] for n in present))
+        kept = self.__dict__.get("_stack")
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        r_max = max([self.r[n] for n in present] or [1])
+        a_rows = torch.zeros(len(names) + 1, self.in_features, r_max, dtype=dtype, device=device)
+        b_t = torch.zeros(len(names) + 1, r_max, self.out_features, dtype=dtype, device=device)
+        with torch.no_grad():
+            for i, name in enumerate(names):
+                if name in self.r:
+                    r = self.r[name]
+                    a_rows[i, :, :r] = self.lora_embedding_A[name].t().to(dtype)
+                    b_t[i, :r, :] = (self.lora_embedding_B[name] * self.scaling[name]).t().to(dtype)
+        self.__dict__["_stack"] = (key, (a_rows, b_t))
+        return a_rows, b_t
 
     def _delta_factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.lora_embedding_A[name].to(dtype), self.lora_embedding_B[name].to(dtype)

@@ -118,6 +118,8 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         running = self._running
+        if self._routing is not None:
+            return self._routed_forward(x, *args, **kwargs)
         if len(running) == 1 and not (args or kwargs):
             if type(running[0]) is DoraEntry:
                 result = self._dora_direct(running[0], x)
@@ -132,6 +134,57 @@ class LoraLinear(LoraLayer):
                 return lora_linear(x, weight.t() if transposed else weight, bias, a, b, scale,
                                    p if self.training else 0.0)
         return super().forward(x, *args, **kwargs)
+
+    def _routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Every row's adapter at once, without autograd: tokens sorted by adapter, then two grouped matmuls
+        over the stacked factors (zero for the base rows and for adapters that skip this layer), added back
+        in place. DoRA rows rescale by their adapter's g. Training (autograd, dropout) takes the general path."""
+        training_dropout = self.training and any(self.lora_dropout.get(n) for n in self._routing.distinct)
+        if args or kwargs or torch.is_grad_enabled() or training_dropout or not x.is_floating_point():
+            return super()._routed_forward(x, *args, **kwargs)
+        result = self.base_layer(x)
+        rows = x.shape[0]
+        x2 = x.reshape(-1, x.shape[-1])  # (M, in), M = rows * tokens per row
+        group, order, ends = self._routing.tokens(rows, x2.shape[0] // rows, x.device)
+        a_t, b_t, g = self._stacked(self._routing.distinct, x.dtype, x.device)
+        delta = grouped_matmul(grouped_matmul(x2.index_select(0, order), a_t, ends), b_t, ends)  # (M, out) sorted
+        out = result.reshape(-1, result.shape[-1])
+        if g is None:
+            return out.index_add_(0, order, delta).view(result.shape)
+        scale = g.index_select(0, group)  # (M, out): m / ||W + s dW|| of each token's adapter, 1 for plain rows
+        bias = self.base_layer.bias
+        lora = torch.zeros_like(out).index_add_(0, order, delta)
+        base_part = out if bias is None else out - bias.to(out.dtype)
+        return out.add_(base_part * (scale - 1) + scale * lora).view(result.shape)
+
+    def _stacked(self, names: tuple, dtype: torch.dtype, device: torch.device):
+        """``A.T`` (G+1, in, r_max), ``(s * B).T`` (G+1, r_max, out) of ``names`` in order, zero-padded to the
+        largest rank, zero for names this layer lacks and for the last (base) slot; and the DoRA row scales
+        (G+1, out) or None. Kept until an adapter's factors change (storage or version)."""
+        present = [n for n in names if n in self.r]
+        params = [self.base_weight, *(p for n in present for p in self.adapter_parameters(n))]
+        key = (names, dtype, device, tuple((p.data_ptr(), p._version) for p in params),
+               tuple(self.scaling[n] for n in present))
+        kept = self.__dict__.get("_stack")
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        r_max = max([self.r[n] for n in present] or [1])
+        a_t = torch.zeros(len(names) + 1, self.in_features, r_max, dtype=dtype, device=device)
+        b_t = torch.zeros(len(names) + 1, r_max, self.out_features, dtype=dtype, device=device)
+        dora = any(self.use_dora.get(n) for n in present)
+        g = torch.ones(len(names) + 1, self.out_features, dtype=dtype, device=device) if dora else None
+        with torch.no_grad():
+            for i, name in enumerate(names):
+                if name not in self.r:
+                    continue
+                r = self.r[name]
+                a_t[i, :, :r] = self.lora_A[name].weight.t().to(dtype)
+                b_t[i, :r, :] = (self.lora_B[name].weight * self.scaling[name]).t().to(dtype)
+                if dora and self.use_dora.get(name):
+                    g[i] = self._dora_scale(name, dtype).reshape(-1)
+        stacked = (a_t, b_t, g)
+        self.__dict__["_stack"] = (key, stacked)
+        return stacked
 
     def _dora_direct(self, entry: DoraEntry, x: torch.Tensor) -> torch.Tensor | None:
         """One DoRA adapter as ``g * (x @ W.T + s * (x @ A.T) @ B.T) + bias`` through the fused LoRA
@@ -302,6 +355,25 @@ class Factor(nn.Linear):
         out = torch.addmm(residual, x, weight.t(), alpha=alpha)
         bias = self._parameters["bias"]
         return out if bias is None else out + alpha * bias.to(out.dtype)
+
+
+def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """``x[rows of group i] @ weights[i]`` for every group, rows sorted by group, ``ends`` their int32 end
+    offsets: x (M, K), weights (G, K, N) -> (M, N). One ``grouped_mm`` where torch has it for these
+    operands, else one matmul per non-empty group."""
+    grouped = getattr(F, "grouped_mm", None)
+    if grouped is not None and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+        try:
+            return grouped(x.contiguous(), weights, offs=ends)
+        except RuntimeError:
+            pass
+    out = x.new_empty(x.shape[0], weights.shape[-1])
+    start = 0
+    for i, end in enumerate(ends.tolist()):
+        if end > start:
+            torch.mm(x[start:end], weights[i], out=out[start:end])
+        start = end
+    return out
 
 
 def _plain(module: nn.Module) -> bool:

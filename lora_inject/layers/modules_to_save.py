@@ -114,7 +114,21 @@ class ModulesToSave(nn.Module):
     def set_disabled(self, disabled: bool) -> None:
         self.adapters_disabled = disabled
 
+    _routing = None  # per-row adapters while lora_inject.batch_adapters is active
+
     def forward(self, *args, **kwargs) -> torch.Tensor:
+        if self._routing is not None:
+            return self._routed_forward(*args, **kwargs)
         if self.active_adapter is None or self.adapters_disabled:
             return self.original_module(*args, **kwargs)
         return self.modules_to_save[self.active_adapter](*args, **kwargs)
+
+    def _routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Each row (dim 0) through its adapter's trained copy; rows of other adapters through the original."""
+        out = self.original_module(x, *args, **kwargs)
+        group = self._routing.rows(x.shape[0], x.device)
+        for g, name in enumerate(self._routing.distinct):
+            rows = (group == g).nonzero().flatten()
+            if name in self.modules_to_save and rows.numel():
+                out = out.index_copy(0, rows, self.modules_to_save[name](x.index_select(0, rows), *args, **kwargs))
+        return out

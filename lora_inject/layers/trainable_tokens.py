@@ -212,10 +212,25 @@ class TrainableTokens(nn.Module):
         deltas, merged = self.token_adapter.trainable_tokens_delta, self.merged_adapters
         return [n for n in self.active_adapters if n in deltas and n not in merged]
 
+    _routing = None  # per-row adapters while lora_inject.batch_adapters is active
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        if self._routing is not None:
+            return self._routed_rows(x, out)
         for name in self._running():
             out = self._rows_of(self.base_layer, x, out, self.ids(name), self.rows(name))
+        return out
+
+    def _routed_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Each batch row with its own adapter's token rows (rows of other adapters keep the base's)."""
+        group = self._routing.rows(x.shape[0], x.device)
+        for g, name in enumerate(self._routing.distinct):
+            rows = (group == g).nonzero().flatten()
+            if name in self.token_adapter.trainable_tokens_delta and rows.numel():
+                part = self._rows_of(self.base_layer, x.index_select(0, rows), out.index_select(0, rows),
+                                     self.ids(name), self.rows(name))
+                out = out.index_copy(0, rows, part)
         return out
 
     def _apply(self, fn, recurse: bool = True):

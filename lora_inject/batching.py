@@ -1,0 +1,98 @@
+"""Many adapters in one batch: each row of the batch runs its own adapter (or the base model).
+
+``with batch_adapters(model, ["a", "b", None, "a"]):`` routes row i through adapter ``names[i]``.
+The routing is a state of the model for the length of the block: rows are grouped once per batch
+shape (here, shared by every layer, and by every decoding step of ``generate``), and each layer
+runs all adapters at once with a grouped matmul over its stacked factors (see ``layers/base.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .errors import AdapterNotFoundError, ConfigError, MergeError
+from .guards import unwrap
+from .inject import _STATE_ATTR, _adapter_modules
+
+
+class Routing:
+    """Which adapter each row runs: ``distinct`` names (their order is the group order) and, per batch
+    shape, the group of every row and token, computed once and shared by every layer."""
+
+    def __init__(self, names: Sequence[str | None]) -> None:
+        self.names = list(names)
+        self.distinct = tuple(dict.fromkeys(n for n in self.names if n is not None))
+        group = {name: i for i, name in enumerate(self.distinct)}
+        base = len(self.distinct)  # rows without an adapter: the last group, whose factors are zero
+        self._slots = torch.tensor([base if n is None else group[n] for n in self.names], dtype=torch.long)
+        self._rows: dict = {}
+        self._tokens: dict = {}
+
+    def rows(self, count: int, device: torch.device) -> torch.Tensor:
+        """The group of each of ``count`` rows (long, (count,)). A batch of k times as many rows as names is
+        the names' rows each repeated k times in place (``generate`` with beams or several sequences)."""
+        key = (count, device)
+        if key not in self._rows:
+            if count % len(self.names):
+                raise ConfigError(
+                    f"batch_adapters got {len(self.names)} adapter names, but a layer sees a batch of {count} rows, "
+                    f"which is not a multiple of it. Give one name per row of the input (generate's beams and "
+                    "num_return_sequences are expanded by themselves)."
+                )
+            self._rows[key] = self._slots.repeat_interleave(count // len(self.names)).to(device)
+        return self._rows[key]
+
+    def tokens(self, rows: int, per_row: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For ``rows * per_row`` tokens in row-major order: each token's group (M,), the permutation that
+        sorts tokens by group (M,), and the groups' end offsets (G+1,) int32, as ``grouped_mm`` takes them."""
+        key = (rows, per_row, device)
+        if key not in self._tokens:
+            group = self.rows(rows, device).repeat_interleave(per_row)
+            order = torch.argsort(group, stable=True)
+            ends = torch.cumsum(torch.bincount(group, minlength=len(self.distinct) + 1), 0).to(torch.int32)
+            self._tokens[key] = (group, order, ends)
+        return self._tokens[key]
+
+
+def _check_names(model: nn.Module, names: Sequence[str | None]) -> None:
+    if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+        raise ConfigError(f"batch_adapters takes one adapter name (or None) per row, as a list; got {names!r}.")
+    known = getattr(model, _STATE_ATTR, {})
+    unknown = sorted({n for n in names if n is not None and n not in known})
+    if unknown:
+        raise AdapterNotFoundError(
+            f"batch_adapters: no adapter named {unknown} in this model; it has {sorted(known) or 'none'}."
+        )
+
+
+@contextlib.contextmanager
+def batch_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Inside the block, row ``i`` of every batch runs adapter ``names[i]`` (``None``: the base model).
+
+    Works for ``forward`` and ``generate`` (beams and ``num_return_sequences`` expand rows; each row
+    keeps its name). A row whose adapter does not adapt a layer uses the base there. Adapters must not
+    be merged, nor disabled. The previous state comes back on exit, also when the block raises.
+    """
+    inner = unwrap(model)
+    _check_names(inner, names)
+    modules = [m for _, m in _adapter_modules(inner)]
+    merged = sorted({n for m in modules for n in m.merged_adapters})
+    if merged:
+        raise MergeError(f"batch_adapters: adapters {merged} are merged into the weights; unmerge them first.")
+    if any(getattr(m, "adapters_disabled", False) for m in modules):
+        raise ConfigError("batch_adapters inside disabled_adapters: the adapters are off, so the names would be "
+                          "ignored. Use None for the rows that should run the base model.")
+    if any(m.__dict__.get("_routing") is not None for m in modules):
+        raise ConfigError("batch_adapters blocks do not nest; leave the outer one first.")
+    routing = Routing(names)
+    try:
+        for module in modules:
+            module.__dict__["_routing"] = routing
+        yield model
+    finally:
+        for module in modules:
+            module.__dict__["_routing"] = None
