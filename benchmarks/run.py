@@ -383,6 +383,74 @@ def bench_qlora(repeats: int) -> list[str]:
     ]
 
 
+def _many(base, count: int):
+    """ours and PEFT with ``count`` adapters a0..a{count-1} (r=16, all seven projections, distinct weights)."""
+    import peft as p
+
+    import lora_inject as li
+
+    a = copy.deepcopy(base).eval()
+    for i in range(count):
+        li.inject(a, targets=SEVEN, r=16, alpha=32, adapter=f"a{i}", init=False)
+    config = p.LoraConfig(r=16, lora_alpha=32, target_modules=SEVEN)
+    b = p.get_peft_model(copy.deepcopy(base), config, adapter_name="a0")
+    for i in range(1, count):
+        b.add_adapter(f"a{i}", config)
+    state = li.lora_state_dict  # copy ours into PEFT, adapter by adapter
+    for i in range(count):
+        values = {k.replace(f".a{i}.", "."): v for k, v in state(a, f"a{i}").items()}
+        with torch.no_grad():
+            for name, param in b.named_parameters():
+                if f".a{i}." in name:
+                    param.copy_(values[name.removeprefix("base_model.model.").replace(f".a{i}.", ".")])
+    return a, b.eval()
+
+
+def _routed_call(model, names, ids, cache, is_peft):
+    """One forward of ``ids`` with per-row ``names``; a decode step re-uses ``cache`` (cropped back after)."""
+    import lora_inject as li
+
+    def call():
+        with torch.inference_mode():
+            if is_peft:
+                model(input_ids=ids, past_key_values=cache, adapter_names=names)
+            else:
+                with li.batch_adapters(model, names):
+                    model(input_ids=ids, past_key_values=cache)
+            if cache is not None:
+                cache.crop(-1)  # drop the step just appended
+    return call
+
+
+def bench_many_adapters(repeats: int) -> list[str]:
+    """Different adapters per row (li.batch_adapters vs PEFT's adapter_names), Llama-shaped, r=16 on all seven
+    projections, 64 adapters loaded: a decode step (batch x 1 token after a 16-token prompt, KV cache) and a
+    prefill (batch x 64 tokens), with 1, 4, 16 and 64 distinct adapters among the rows."""
+    from transformers import DynamicCache
+
+    base = llama()
+    ours_model, peft_model = _many(base, 64)
+    lines = []
+    for batch in (16, 64):
+        for kind in ("decode", "prefill"):
+            calls = {}
+            for distinct in (d for d in (1, 4, 16, 64) if d <= batch):
+                names = [f"a{i % distinct}" for i in range(batch)]
+                for label, model in (("ours", ours_model), ("peft", peft_model)):
+                    cache = None
+                    if kind == "decode":
+                        cache = DynamicCache(config=base.config)
+                        _routed_call(model, names, token_ids(batch, 16), cache, label == "peft")()
+                    ids = token_ids(batch, 1 if kind == "decode" else 64)
+                    calls[f"{label}{distinct}"] = _routed_call(model, names, ids, cache, label == "peft")
+            r = rotating_ratios(calls, "ours1", repeats=repeats)
+            row = ", ".join(f"{d}: {r[f'ours{d}']:.2f}x one, {r[f'ours{d}'] / r[f'peft{d}']:.2f}x PEFT"
+                            for d in (1, 4, 16, 64) if d <= batch)
+            lines.append(f"many adapters, {kind}, batch {batch} (distinct adapters: ours vs one adapter for all "
+                         f"rows, ours vs PEFT) {row}")
+    return lines
+
+
 SECTIONS = {
     "train": lambda r: bench_train(0.0, r) + bench_train(0.05, r),
     "dropout-memory": lambda r: bench_dropout_memory(),
@@ -394,6 +462,7 @@ SECTIONS = {
     "inject": lambda r: bench_inject(r),
     "merge": lambda r: bench_merge(r),
     "qlora": lambda r: bench_qlora(r),
+    "many-adapters": lambda r: bench_many_adapters(r),
 }
 
 

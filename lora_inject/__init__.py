@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from .batching import batch_adapters
+from .combine import combine_adapters
 from .config import LoraConfig
 from .errors import (
     AdapterExistsError,
@@ -67,6 +68,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lora_inject' has no attribute {name!r}")
 
 __all__ = [
+    "combine_adapters",
     "batch_adapters",
     "AdapterExistsError",
     "AdapterFileError",

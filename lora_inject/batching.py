@@ -88,6 +88,12 @@ def batch_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
                           "ignored. Use None for the rows that should run the base model.")
     if any(m.__dict__.get("_routing") is not None for m in modules):
         raise ConfigError("batch_adapters blocks do not nest; leave the outer one first.")
+    if len(set(names)) == 1:  # one adapter (or the base) for every row: the ordinary path is the fastest
+        from .inject import using_adapter
+
+        with using_adapter(model, names[0]):
+            yield model
+        return
     routing = Routing(names)
     try:
         for module in modules:

@@ -37,6 +37,7 @@ class LoraLayer(nn.Module):
     supports_lora_bias = False
     supports_principal_init = False
     merges_into_base = True  # merge writes into base_layer's weight (shared weights are untied first)
+    delta_transposed = False  # whether the update, shaped like the weight, is (B @ A).T (Conv1D, Embedding)
     tied_to = None
 
     def __init__(self, base_layer: nn.Module) -> None:

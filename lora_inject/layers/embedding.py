@@ -22,6 +22,7 @@ class LoraEmbedding(LoraLayer):
 
     adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
     supports_dora = True
+    delta_transposed = True  # the update (num_embeddings, dim) is (B @ A).T
 
     def __init__(self, base_layer: nn.Module) -> None:
         if base_layer.max_norm is not None:

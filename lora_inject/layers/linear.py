@@ -282,6 +282,8 @@ class LoraLinear(LoraLayer):
 class LoraConv1D(LoraLinear):
     """transformers' Conv1D: ``y = x @ W + b`` with W (in, out); the merged delta is transposed."""
 
+    delta_transposed = True
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         kind = type(base_layer)
