@@ -24,6 +24,7 @@ from .errors import (
     TargetNotFoundError,
     UnsupportedModuleError,
 )
+from .hotswap import hotswap_adapter, prepare_hotswap
 from .inject import (
     active_adapters,
     adapter_configs,
@@ -93,6 +94,8 @@ __all__ = [
     "delete_adapter",
     "copy_adapter",
     "loftq",
+    "hotswap_adapter",
+    "prepare_hotswap",
     "disabled_adapters",
     "from_pretrained",
     "inject",

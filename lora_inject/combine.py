@@ -10,13 +10,12 @@ methods combine the full updates and keep their top ``svd_rank`` singular direct
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from .config import LoraConfig
+from .config import LoraConfig, exact_config
 from .errors import AdapterExistsError, ConfigError
 from .guards import check_not_distributed, unwrap
 from .inject import _STATE_ATTR, _require_adapter, check_adapter_name, inject_resolved, lora_layers
@@ -172,14 +171,9 @@ def _random_prune(tensor: torch.Tensor, density: float, generator) -> torch.Tens
 def _add(model: nn.Module, template: str, name: str, factors: dict) -> None:
     """Inject adapter ``name`` on exactly the combined paths with their ranks and scale 1, and fill it."""
     ranks = {path: a.shape[0] for path, (a, _) in factors.items()}
-    r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
-    odd = {rf"{re.escape(p)}": k for p, k in ranks.items() if k != r}
-    base = getattr(model, _STATE_ATTR)[template]
-    config = LoraConfig(
-        r=r, alpha=float(r), targets=[f"re:{re.escape(p)}" for p in factors], rank_pattern=odd,
-        alpha_pattern={k: float(v) for k, v in odd.items()}, dropout=base.dropout,
-        base_model_name_or_path=base.base_model_name_or_path, task_type=base.task_type,
-    )
+    template = getattr(model, _STATE_ATTR)[template]
+    config = exact_config(LoraConfig(dropout=template.dropout, base_model_name_or_path=template.base_model_name_or_path,
+                                     task_type=template.task_type), ranks, dict.fromkeys(ranks, 1.0))
     active = [n for n in getattr(model, _STATE_ATTR) if any(n in m.active_adapters for _, m in lora_layers(model))]
     inject_resolved(model, resolve(model, config, name), config, name)
     with torch.no_grad():

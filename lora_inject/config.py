@@ -221,3 +221,20 @@ def _checked_ids(what: str, ids: Any) -> list[int]:
     if repeated:
         raise ConfigError(f"{what} lists token ids more than once: {repeated}; each row can have one value.")
     return ids
+
+
+def exact_config(template: LoraConfig, ranks: Mapping[str, int], scales: Mapping[str, float]) -> LoraConfig:
+    """``template`` rewritten to give each module path exactly its rank and scale: those paths as targets,
+    the most common rank and alpha as ``r``/``alpha``, patterns for the rest, rsLoRA off. For adapters whose
+    layers were built or changed directly (combinations, hot-swap padding), so they save and reload exactly."""
+    import re
+
+    alphas = {p: float(scales[p]) * ranks[p] for p in ranks}
+    r = max(set(ranks.values()), key=list(ranks.values()).count)
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    return template.replace(
+        r=r, alpha=alpha, rslora=False, init=True, exclude=None, layers=None, layers_pattern=None,
+        targets=[f"re:{re.escape(p)}" for p in ranks],
+        rank_pattern={re.escape(p): k for p, k in ranks.items() if k != r},
+        alpha_pattern={re.escape(p): a for p, a in alphas.items() if a != alpha},
+    )
