@@ -46,16 +46,37 @@ class Routing:
             self._rows[key] = self._slots.repeat_interleave(count // len(self.names)).to(device)
         return self._rows[key]
 
-    def tokens(self, rows: int, per_row: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For ``rows * per_row`` tokens in row-major order: each token's group (M,), the permutation that
-        sorts tokens by group (M,), and the groups' end offsets (G+1,) int32, as ``grouped_mm`` takes them."""
+    def tokens(self, rows: int, per_row: int, device: torch.device) -> TokenGroups:
+        """How the ``rows * per_row`` tokens (row-major) split among the adapters; computed once per shape."""
         key = (rows, per_row, device)
         if key not in self._tokens:
-            group = self.rows(rows, device).repeat_interleave(per_row)
-            order = torch.argsort(group, stable=True)
-            ends = torch.cumsum(torch.bincount(group, minlength=len(self.distinct) + 1), 0).to(torch.int32)
-            self._tokens[key] = (group, order, ends)
+            self._tokens[key] = TokenGroups(self.rows(rows, device).repeat_interleave(per_row), len(self.distinct) + 1)
         return self._tokens[key]
+
+
+class TokenGroups:
+    """Tokens grouped by adapter, in the two layouts the layers compute with.
+
+    ``group`` (M,): each token's group. Padded layout, used when it wastes little: token i sits at row
+    ``pos[i]`` of a (G, per_group, features) buffer, so one batched matmul per factor serves every adapter.
+    Sorted layout otherwise: ``order`` sorts tokens by group and ``ends`` (G,) int32 are the groups' end
+    offsets, as ``grouped_mm`` takes them.
+    """
+
+    def __init__(self, group: torch.Tensor, groups: int) -> None:
+        self.group, self.groups = group, groups
+        counts = torch.bincount(group, minlength=groups)
+        self.order = torch.argsort(group, stable=True)
+        self.ends = torch.cumsum(counts, 0).to(torch.int32)
+        self.per_group = int(counts.max())
+        self.pos = None
+        if groups * self.per_group <= 2 * group.numel():
+            starts = self.ends.long() - counts
+            pos = torch.empty_like(group)
+            sorted_group = group[self.order]
+            pos[self.order] = sorted_group * self.per_group + torch.arange(group.numel(), device=group.device) - starts[
+                sorted_group]
+            self.pos = pos
 
 
 def _check_names(model: nn.Module, names: Sequence[str | None]) -> None:
@@ -102,3 +123,4 @@ def batch_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
     finally:
         for module in modules:
             module.__dict__["_routing"] = None
+            module.__dict__.pop("_routed", None)  # this block's gathered factors

@@ -144,7 +144,7 @@ def test_errors_and_the_state_is_restored_when_the_call_raises():
     with li.disabled_adapters(model), pytest.raises(ConfigError, match="disabled"):
         with li.batch_adapters(model, ["a"]):
             pass
-    with li.batch_adapters(model, ["a"]), pytest.raises(ConfigError, match="inside batch_adapters"):
+    with li.batch_adapters(model, ["a", "b"]), pytest.raises(ConfigError, match="inside batch_adapters"):
         with li.disabled_adapters(model):
             pass
     with torch.no_grad():
@@ -152,6 +152,18 @@ def test_errors_and_the_state_is_restored_when_the_call_raises():
         with pytest.raises(RuntimeError, match="boom"), li.batch_adapters(model, ["b"] * 4):
             raise RuntimeError("boom")
         torch.testing.assert_close(model(x).logits, expected, atol=0, rtol=0)
+
+
+def test_uneven_groups_take_the_sorted_layout():
+    """Most rows on one adapter: padding every group to the largest would waste work, so tokens are sorted."""
+    model = _three_adapters(tiny_llama())
+    x = torch.randint(0, 100, (9, 4))
+    names = ["a"] * 7 + ["b", None]
+    expected = _alone(model, x, names)
+    with torch.no_grad(), li.batch_adapters(model, names):
+        got = model(x).logits
+        assert model.model.layers[0].self_attn.q_proj._routing.tokens(9, 4, x.device).pos is None
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_stacked_factors_are_rebuilt_when_an_adapter_changes():

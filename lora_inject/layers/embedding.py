@@ -8,7 +8,7 @@ from torch import nn
 
 from ..errors import UnsupportedModuleError
 from .base import LoraLayer, resize_parameter
-from .linear import grouped_matmul
+from .linear import routed_product
 
 
 class LoraEmbedding(LoraLayer):
@@ -97,15 +97,15 @@ class LoraEmbedding(LoraLayer):
         result = self.base_layer(x)
         rows = x.shape[0]
         ids = x.reshape(-1)  # (M,)
-        group, order, ends = self._routing.tokens(rows, ids.numel() // rows, x.device)
+        tokens = self._routing.tokens(rows, ids.numel() // rows, x.device)
         a_rows, b_t = self._stacked(names, result.dtype, x.device)  # (G+1, V, r), (G+1, r, D)
-        after_a = a_rows[group, ids]  # (M, r): each token's row of its adapter's A.T
-        delta = grouped_matmul(after_a.index_select(0, order), b_t, ends)  # (M, D), sorted by adapter
+        after_a = a_rows[tokens.group, ids]  # (M, r): each token's row of its adapter's A.T
+        delta = routed_product(after_a, tokens, b_t)  # (M, D)
         embed_scale = getattr(self.base_layer, "embed_scale", None)
         if embed_scale is not None:
             delta = delta * (embed_scale.to(delta.dtype) if torch.is_tensor(embed_scale) else embed_scale)
         out = result.reshape(-1, result.shape[-1])
-        return out.index_add_(0, order, delta).view(result.shape)
+        return out.add_(delta).view(result.shape)
 
     def _stacked(self, names: tuple, dtype: torch.dtype, device: torch.device):
         """``A.T`` (G+1, V, r_max) and ``(s * B).T`` (G+1, r_max, D) of ``names``, zero-padded, zero for

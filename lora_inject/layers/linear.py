@@ -145,44 +145,62 @@ class LoraLinear(LoraLayer):
         result = self.base_layer(x)
         rows = x.shape[0]
         x2 = x.reshape(-1, x.shape[-1])  # (M, in), M = rows * tokens per row
-        group, order, ends = self._routing.tokens(rows, x2.shape[0] // rows, x.device)
+        tokens = self._routing.tokens(rows, x2.shape[0] // rows, x.device)
         a_t, b_t, g = self._stacked(self._routing.distinct, x.dtype, x.device)
-        delta = grouped_matmul(grouped_matmul(x2.index_select(0, order), a_t, ends), b_t, ends)  # (M, out) sorted
+        lora = routed_product(x2, tokens, a_t, b_t)  # (M, out), each token through its adapter
         out = result.reshape(-1, result.shape[-1])
         if g is None:
-            return out.index_add_(0, order, delta).view(result.shape)
-        scale = g.index_select(0, group)  # (M, out): m / ||W + s dW|| of each token's adapter, 1 for plain rows
+            return out.add_(lora).view(result.shape)
+        scale = g.index_select(0, tokens.group)  # (M, out): m / ||W + s dW|| of each token's adapter, 1 elsewhere
         bias = self.base_layer.bias
-        lora = torch.zeros_like(out).index_add_(0, order, delta)
         base_part = out if bias is None else out - bias.to(out.dtype)
         return out.add_(base_part * (scale - 1) + scale * lora).view(result.shape)
 
     def _stacked(self, names: tuple, dtype: torch.dtype, device: torch.device):
-        """``A.T`` (G+1, in, r_max), ``(s * B).T`` (G+1, r_max, out) of ``names`` in order, zero-padded to the
-        largest rank, zero for names this layer lacks and for the last (base) slot; and the DoRA row scales
-        (G+1, out) or None. Kept until an adapter's factors change (storage or version)."""
+        """``A.T`` (G+1, in, r_max), ``(s * B).T`` (G+1, r_max, out) of ``names`` in order, zero for names this
+        layer lacks and for the last (base) slot, and the DoRA row scales (G+1, out) or None.
+
+        Gathered from a stack of every adapter of the layer (built once, rebuilt when an adapter is added,
+        deleted or changes), once per routing: a whole ``generate`` call pays one gather per layer.
+        """
         present = [n for n in names if n in self.r]
-        params = [self.base_weight, *(p for n in present for p in self.adapter_parameters(n))]
+        state = (dtype, device, self.base_weight._version,
+                 *((p.data_ptr(), p._version) for n in present for p in self.adapter_parameters(n)))
+        kept = self.__dict__.get("_routed")
+        if kept is not None and kept[0] is self._routing and kept[1] == state:
+            return kept[2]
+        slot_of, a_all, b_all, g_all = self._stack_all(dtype, device)
+        zero = len(slot_of)
+        slots = torch.tensor([slot_of.get(n, zero) for n in names] + [zero], device=device)
+        dora = g_all is not None and any(self.use_dora.get(n) for n in present)
+        selected = (a_all.index_select(0, slots), b_all.index_select(0, slots),
+                    g_all.index_select(0, slots) if dora else None)
+        self.__dict__["_routed"] = (self._routing, state, selected)
+        return selected
+
+    def _stack_all(self, dtype: torch.dtype, device: torch.device):
+        """Every adapter's factors stacked, with a zero slot last: ``({name: slot}, A.T (n+1, in, r_max),
+        (s B).T (n+1, r_max, out), DoRA scales (n+1, out) or None)``; kept until an adapter changes."""
+        names = tuple(self.r)
+        params = [self.base_weight, *(p for n in names for p in self.adapter_parameters(n))]
         key = (names, dtype, device, tuple((p.data_ptr(), p._version) for p in params),
-               tuple(self.scaling[n] for n in present))
+               tuple(self.scaling[n] for n in names))
         kept = self.__dict__.get("_stack")
         if kept is not None and kept[0] == key:
             return kept[1]
-        r_max = max([self.r[n] for n in present] or [1])
+        r_max = max(self.r.values())
         a_t = torch.zeros(len(names) + 1, self.in_features, r_max, dtype=dtype, device=device)
         b_t = torch.zeros(len(names) + 1, r_max, self.out_features, dtype=dtype, device=device)
-        dora = any(self.use_dora.get(n) for n in present)
+        dora = any(self.use_dora.values())
         g = torch.ones(len(names) + 1, self.out_features, dtype=dtype, device=device) if dora else None
         with torch.no_grad():
             for i, name in enumerate(names):
-                if name not in self.r:
-                    continue
                 r = self.r[name]
                 a_t[i, :, :r] = self.lora_A[name].weight.t().to(dtype)
                 b_t[i, :r, :] = (self.lora_B[name].weight * self.scaling[name]).t().to(dtype)
                 if dora and self.use_dora.get(name):
                     g[i] = self._dora_scale(name, dtype).reshape(-1)
-        stacked = (a_t, b_t, g)
+        stacked = ({n: i for i, n in enumerate(names)}, a_t, b_t, g)
         self.__dict__["_stack"] = (key, stacked)
         return stacked
 
@@ -357,6 +375,25 @@ class Factor(nn.Linear):
         out = torch.addmm(residual, x, weight.t(), alpha=alpha)
         bias = self._parameters["bias"]
         return out if bias is None else out + alpha * bias.to(out.dtype)
+
+
+def routed_product(x: torch.Tensor, tokens, *weights: torch.Tensor) -> torch.Tensor:
+    """``x[i] @ w1[g] @ w2[g] ...`` with g token i's group: x (M, d0), each w (G, d_k, d_k+1) -> (M, d_last).
+
+    Batched matmuls over a padded (G, per_group, .) buffer where the groups are even enough (no
+    per-adapter loop: the cost hardly grows with the number of adapters), else grouped matmuls over the
+    tokens sorted by group.
+    """
+    if tokens.pos is not None:
+        h = x.new_zeros(tokens.groups * tokens.per_group, x.shape[-1]).index_copy_(0, tokens.pos, x)
+        h = h.view(tokens.groups, tokens.per_group, -1)
+        for weight in weights:
+            h = torch.bmm(h, weight)
+        return h.view(-1, h.shape[-1]).index_select(0, tokens.pos)
+    h = x.index_select(0, tokens.order)
+    for weight in weights:
+        h = grouped_matmul(h, weight, tokens.ends)
+    return torch.empty_like(h).index_copy_(0, tokens.order, h)
 
 
 def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
