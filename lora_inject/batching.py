@@ -115,7 +115,7 @@ def batch_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
         with using_adapter(model, names[0]):
             yield model
         return
-    routing = Routing(names)
+    routing = _routing_for(inner, names)
     try:
         for module in modules:
             module.__dict__["_routing"] = routing
@@ -123,4 +123,20 @@ def batch_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
     finally:
         for module in modules:
             module.__dict__["_routing"] = None
-            module.__dict__.pop("_routed", None)  # this block's gathered factors
+
+
+_ROUTINGS = "_lora_inject_routings"
+_KEPT_ROUTINGS = 8
+
+
+def _routing_for(model: nn.Module, names: Sequence[str | None]) -> Routing:
+    """The :class:`Routing` of ``names``, the same object for a batch composition seen recently: a server
+    that sends the same mix again (or drives decoding step by step) re-uses its grouping, and each layer its
+    factors gathered for it, instead of gathering them again."""
+    kept = model.__dict__.setdefault(_ROUTINGS, {})
+    key = tuple(names)
+    routing = kept.pop(key, None) or Routing(names)
+    kept[key] = routing  # most recent last
+    while len(kept) > _KEPT_ROUTINGS:
+        kept.pop(next(iter(kept)))
+    return routing
