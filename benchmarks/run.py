@@ -425,14 +425,13 @@ def _routed_call(model, names, ids, cache, is_peft):
 def bench_many_adapters(repeats: int) -> list[str]:
     """Different adapters per row (li.batch_adapters vs PEFT's adapter_names), Llama-shaped, r=16 on all seven
     projections, 64 adapters loaded: a decode step (batch x 1 token after a 16-token prompt, KV cache) and a
-    prefill (batch x 64 tokens), with 1, 4, 16 and 64 distinct adapters among the rows.
-
-    Hidden size 2048 (2 layers): what an adapter reads per token relative to the base, r (in + out) / (in out),
-    is then 1.6% per adapter, near a 7B model's 0.8%; at hidden 512 it is 6%, and 16 distinct adapters read
-    as many bytes as the base itself, which no kernel can hide in a memory-bound decode step."""
+    prefill (batch x 64 tokens), with 1, 4, 16 and 64 distinct adapters among the rows. ``LORA_BENCH_HIDDEN``
+    (default 512) sets the width: at 2048 the base's own matmuls take ~85% of a step on a CPU, so no adapter
+    path can be much faster than PEFT's there."""
     from transformers import DynamicCache
 
-    base = llama(hidden=2048, layers=2, intermediate=5632)
+    hidden = int(os.environ.get("LORA_BENCH_HIDDEN", "512"))
+    base = llama(hidden=hidden, layers=4 if hidden <= 1024 else 2)
     ours_model, peft_model = _many(base, 64)
     lines = []
     for batch in (16, 64):
@@ -455,6 +454,76 @@ def bench_many_adapters(repeats: int) -> list[str]:
     return lines
 
 
+def bench_hotswap(repeats: int) -> list[str]:
+    """Swap adapters of other ranks into a compiled model: the swap's latency, and the compiled forward's time
+    before and after (no recompilation: the first call after a swap costs what the others do)."""
+
+    import torch._dynamo
+
+    import lora_inject as li
+
+    base = llama().eval()
+    ids = token_ids(1, 32)
+    with tempfile.TemporaryDirectory() as folder:
+        for name, r in (("r8", 8), ("r16", 16)):
+            made = li.inject(copy.deepcopy(base), targets=SEVEN, r=r, alpha=2 * r, init=False)
+            li.save_adapter(made, f"{folder}/{name}")
+        model = li.load_adapter(copy.deepcopy(base), f"{folder}/r8").eval()
+        li.prepare_hotswap(model, max_rank=16)
+        compiled = torch.compile(model)
+        torch._dynamo.config.error_on_recompile = True
+
+        def step():
+            with torch.inference_mode():
+                compiled(input_ids=ids)
+
+        step()
+        before = statistics.median(_timed(step) for _ in range(5 * repeats))
+        swaps, first, after = [], [], []
+        for i in range(repeats):
+            swaps.append(_timed(lambda i=i: li.hotswap_adapter(model, f"{folder}/{('r16', 'r8')[i % 2]}")))
+            first.append(_timed(step))
+            after.append(statistics.median(_timed(step) for _ in range(3)))
+        torch._dynamo.config.error_on_recompile = False
+    swap = 1e3 * statistics.median(swaps)
+    return [f"hot swap (7 projections x 4 layers, r8 <-> r16, max_rank 16): swap {swap:.1f} ms; "
+            f"compiled forward 1x32: {1e3 * before:.2f} ms before, {1e3 * statistics.median(first):.2f} ms on the "
+            f"first call after a swap, {1e3 * statistics.median(after):.2f} ms after (recompilation is an error)"]
+
+
+def bench_combine(repeats: int) -> list[str]:
+    """Combining two adapters (r=16, all seven projections, 4 layers of 512) into a new one, ours vs PEFT's
+    add_weighted_adapter, per method; each side on its own model, the new adapter deleted after each run."""
+    import lora_inject as li
+
+    ours_model, peft_model = _many(llama(), 2)
+    weights = {"a0": 0.6, "a1": 0.4}
+    lines = []
+    for method in ("cat", "linear", "svd", "ties"):
+        extra = {"density": 0.5} if method == "ties" else {}
+
+        def ours_run(method=method, extra=extra):
+            li.combine_adapters(ours_model, weights, "mix", method, **extra)
+            li.delete_adapter(ours_model, "mix")
+
+        def peft_run(method=method, extra=extra):
+            peft_model.add_weighted_adapter(list(weights), list(weights.values()), "mix", combination_type=method,
+                                            **extra)
+            peft_model.delete_adapter("mix")
+
+        r = rotating_ratios({"ours": ours_run, "peft": peft_run}, "peft", repeats=repeats)
+        lines.append(f"combine two adapters, {method}: ours {r['ours']:.2f}x PEFT's time")
+    return lines
+
+
+def _timed(fn) -> float:
+    import time
+
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 SECTIONS = {
     "train": lambda r: bench_train(0.0, r) + bench_train(0.05, r),
     "dropout-memory": lambda r: bench_dropout_memory(),
@@ -467,6 +536,8 @@ SECTIONS = {
     "merge": lambda r: bench_merge(r),
     "qlora": lambda r: bench_qlora(r),
     "many-adapters": lambda r: bench_many_adapters(r),
+    "hotswap": lambda r: bench_hotswap(r),
+    "combine": lambda r: bench_combine(r),
 }
 
 

@@ -298,8 +298,8 @@ class LoraLayer(nn.Module):
         lr=1e-4). The base layer converts as asked. Adapters created in half precision on purpose
         (``adapter_dtype=torch.bfloat16``) stay as they are.
         """
-        for cache in ("_dora_squared", "_dora_kept", "_dora_fast", "_dora_nonzero"):  # they hold the old tensors
-            self.__dict__.pop(cache, None)
+        for cache in ("_dora_squared", "_dora_kept", "_dora_fast", "_dora_nonzero", "_stack", "_routed"):
+            self.__dict__.pop(cache, None)  # they hold the old tensors
         params = [p for name in self.r for p in self.adapter_parameters(name) if p.dtype == torch.float32]
         return apply_keeping_float32(self, params, fn, recurse)
 
@@ -576,8 +576,9 @@ class LoraLayer(nn.Module):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for cache in ("_frozen", "_dora_squared", "_dora_kept", "_dora_fast", "_dora_nonzero"):  # derived caches
-            state.pop(cache, None)
+        for cache in ("_frozen", "_dora_squared", "_dora_kept", "_dora_fast", "_dora_nonzero", "_stack", "_routed"):
+            state.pop(cache, None)  # derived caches
+        state["_routing"] = None
         return state
 
     def extra_repr(self) -> str:

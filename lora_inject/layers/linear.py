@@ -23,6 +23,8 @@ from .fused import (
 )
 from .principal import is_principal_init, principal_factors
 
+ROUTED_KEPT = 4  # per layer: the factors gathered for the most recent batch compositions
+
 
 class LoraLinear(LoraLayer):
     """``y = W x + b + scale * B A dropout(x)``.
@@ -144,14 +146,24 @@ class LoraLinear(LoraLayer):
             return super()._routed_forward(x, *args, **kwargs)
         result = self.base_layer(x)
         rows = x.shape[0]
-        x2 = x.reshape(-1, x.shape[-1])  # (M, in), M = rows * tokens per row
-        tokens = self._routing.tokens(rows, x2.shape[0] // rows, x.device)
+        per_row = x.numel() // (rows * x.shape[-1])
         a_t, b_t, g = self._stacked(self._routing.distinct, x.dtype, x.device)
-        lora = routed_product(x2, tokens, a_t, b_t)  # (M, out), each token through its adapter
-        out = result.reshape(-1, result.shape[-1])
-        if g is None:
-            return out.add_(lora).view(result.shape)
-        scale = g.index_select(0, tokens.group)  # (M, out): m / ||W + s dW|| of each token's adapter, 1 elsewhere
+        if 2 * per_row >= a_t.shape[-1]:  # long rows (prefill): gathering r-wide factors per row beats moving tokens
+            group = self._routing.rows(rows, x.device)
+            h = torch.bmm(x.reshape(rows, per_row, -1), a_t.index_select(0, group))  # (rows, tokens, r)
+            b_rows = b_t.index_select(0, group)  # (rows, r, out)
+            out = result.reshape(rows, per_row, -1)
+            if g is None:
+                return out.baddbmm_(h, b_rows).view(result.shape)
+            lora, scale = torch.bmm(h, b_rows), g.index_select(0, group)[:, None, :]
+        else:
+            x2 = x.reshape(-1, x.shape[-1])  # (M, in), M = rows * tokens per row
+            tokens = self._routing.tokens(rows, per_row, x.device)
+            lora = routed_product(x2, tokens, a_t, b_t)  # (M, out), each token through its adapter
+            out = result.reshape(-1, result.shape[-1])
+            if g is None:
+                return out.add_(lora).view(result.shape)
+            scale = g.index_select(0, tokens.group)  # (M, out): m / ||W + s dW|| of each token's adapter, 1 elsewhere
         bias = self.base_layer.bias
         base_part = out if bias is None else out - bias.to(out.dtype)
         return out.add_(base_part * (scale - 1) + scale * lora).view(result.shape)
@@ -166,16 +178,20 @@ class LoraLinear(LoraLayer):
         present = [n for n in names if n in self.r]
         state = (dtype, device, self.base_weight._version,
                  *((p.data_ptr(), p._version) for n in present for p in self.adapter_parameters(n)))
-        kept = self.__dict__.get("_routed")
-        if kept is not None and kept[0] is self._routing and kept[1] == state:
-            return kept[2]
+        kept = self.__dict__.setdefault("_routed", {})  # routing -> (state, gathered), the few most recent
+        hit = kept.get(self._routing)
+        if hit is not None and hit[0] == state:
+            return hit[1]
         slot_of, a_all, b_all, g_all = self._stack_all(dtype, device)
         zero = len(slot_of)
         slots = torch.tensor([slot_of.get(n, zero) for n in names] + [zero], device=device)
         dora = g_all is not None and any(self.use_dora.get(n) for n in present)
         selected = (a_all.index_select(0, slots), b_all.index_select(0, slots),
                     g_all.index_select(0, slots) if dora else None)
-        self.__dict__["_routed"] = (self._routing, state, selected)
+        kept.pop(self._routing, None)
+        kept[self._routing] = (state, selected)
+        while len(kept) > ROUTED_KEPT:
+            kept.pop(next(iter(kept)))
         return selected
 
     def _stack_all(self, dtype: torch.dtype, device: torch.device):
