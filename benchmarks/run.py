@@ -471,7 +471,6 @@ def bench_hotswap(repeats: int) -> list[str]:
         model = li.load_adapter(copy.deepcopy(base), f"{folder}/r8").eval()
         li.prepare_hotswap(model, max_rank=16)
         compiled = torch.compile(model)
-        torch._dynamo.config.error_on_recompile = True
 
         def step():
             with torch.inference_mode():
@@ -480,11 +479,11 @@ def bench_hotswap(repeats: int) -> list[str]:
         step()
         before = statistics.median(_timed(step) for _ in range(5 * repeats))
         swaps, first, after = [], [], []
-        for i in range(repeats):
-            swaps.append(_timed(lambda i=i: li.hotswap_adapter(model, f"{folder}/{('r16', 'r8')[i % 2]}")))
-            first.append(_timed(step))
-            after.append(statistics.median(_timed(step) for _ in range(3)))
-        torch._dynamo.config.error_on_recompile = False
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for i in range(repeats):
+                swaps.append(_timed(lambda i=i: li.hotswap_adapter(model, f"{folder}/{('r16', 'r8')[i % 2]}")))
+                first.append(_timed(step))
+                after.append(statistics.median(_timed(step) for _ in range(3)))
     swap = 1e3 * statistics.median(swaps)
     return [f"hot swap (7 projections x 4 layers, r8 <-> r16, max_rank 16): swap {swap:.1f} ms; "
             f"compiled forward 1x32: {1e3 * before:.2f} ms before, {1e3 * statistics.median(first):.2f} ms on the "

@@ -84,11 +84,16 @@ def test_generate_with_beams_and_sequences_and_left_padding():
         assert torch.equal(together, torch.cat(alone)), extra
 
 
-def test_two_dimensional_inputs_bf16_and_a_conv_net():
+def _linear_with_two_adapters():
     layer = nn.Sequential(nn.Linear(16, 8))
     for name, r in (("a", 2), ("b", 4)):
         li.inject(layer, targets=["0"], r=r, adapter=name)
         randomize_adapters(layer, name, std=0.3)
+    return layer
+
+
+def test_two_dimensional_inputs_bf16_and_a_conv_net():
+    layer = _linear_with_two_adapters()
     x = torch.randn(4, 16)
     names = ["b", "a", None, "b"]
     expected = _alone(layer, x, names, out=lambda o: o)
@@ -156,10 +161,7 @@ def test_errors_and_the_state_is_restored_when_the_call_raises():
 
 def test_uneven_groups_take_the_sorted_layout():
     """Most rows on one adapter: padding every group to the largest would waste work, so tokens are sorted."""
-    layer = nn.Sequential(nn.Linear(16, 8))
-    for name, r in (("a", 2), ("b", 4)):
-        li.inject(layer, targets=["0"], r=r, adapter=name)
-        randomize_adapters(layer, name, std=0.3)
+    layer = _linear_with_two_adapters()
     x = torch.randn(9, 16)
     names = ["a"] * 7 + ["b", None]
     expected = _alone(layer, x, names, out=lambda o: o)

@@ -42,15 +42,14 @@ def adapters(tmp_path):
     return base, tmp_path, made
 
 
-def test_swaps_equal_loading_and_the_compiled_model_never_recompiles(adapters, monkeypatch):
+def test_swaps_equal_loading_and_the_compiled_model_never_recompiles(adapters):
     base, folder, made = adapters
     model = li.load_adapter(copy.deepcopy(base), folder / "first").eval()
     li.prepare_hotswap(model, max_rank=8)
     with torch.no_grad():
         torch.testing.assert_close(model(X).logits, made["first"](X).logits, atol=1e-6, rtol=1e-6)
     compiled = torch.compile(model)
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    with torch.no_grad():
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         compiled(X)
         for name in ("second", "subset", "peft", "first"):
             li.hotswap_adapter(model, folder / name)
