@@ -24,7 +24,7 @@ from torch import nn
 from .errors import ConfigError
 from .guards import check_not_sharded
 from .inject import CARRIED_ATTR, _adapter_modules, _require_adapter, _set_submodule, adapter_configs, carried_paths
-from .layers import LoraLayer, ModulesToSave
+from .layers import ADAPTER_MODULES, LoraLayer, ModulesToSave
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -161,9 +161,10 @@ def _carry_embeddings(model: nn.Module) -> None:
     weights: list[torch.Tensor] = []
     for path, module in model.named_modules():
         if any(module is m for m in wanted) and not isinstance(module, ModulesToSave):
-            if all(module.weight is not w for w in weights):  # a tied head shares the input embedding's row
+            weight = module.base_layer.weight if isinstance(module, ADAPTER_MODULES) else module.weight
+            if all(weight is not w for w in weights):  # a tied head shares the input embedding's rows
                 carried_paths(model).add(path)
-            weights.append(module.weight)
+            weights.append(weight)
 
 
 def _snapshot(model: nn.Module, wrapped: list) -> dict:

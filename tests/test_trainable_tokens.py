@@ -325,3 +325,24 @@ def test_resuming_reads_the_rows_back_into_the_injected_adapter(tmp_path):
     assert model.get_input_embeddings().rows("default") is rows  # the optimizer's parameter, refilled in place
     for key, value in li.lora_state_dict(model).items():
         assert torch.equal(value, saved[key]), key
+
+
+def test_resize_after_inject_keeps_the_rows_the_tie_and_saves_the_embedding_once(tmp_path):
+    base = tiny_llama(tie_word_embeddings=True)
+    model = li.inject(copy.deepcopy(base), targets=["q_proj"], trainable_tokens=[3, 7])
+    _perturb(model)
+    model.eval()
+    with torch.no_grad():
+        before = model(X).logits
+        model.resize_token_embeddings(110)
+        torch.testing.assert_close(model(X).logits[..., :100], before, atol=0, rtol=0)
+    assert model.lm_head.base_layer.weight is model.get_input_embeddings().base_layer.weight
+    li.save_adapter(model, tmp_path / "a")
+    with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), "pt") as saved:
+        carried = [k for k in saved.keys() if k.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    assert carried == ["base_model.model.model.embed_tokens.weight"]  # tied: the shared weight once
+    fresh = copy.deepcopy(base)
+    fresh.resize_token_embeddings(110)  # its new rows differ: the saved embedding brings the trained model's
+    with torch.no_grad():
+        torch.testing.assert_close(li.load_adapter(fresh, tmp_path / "a").eval()(X).logits, model(X).logits,
+                                   atol=1e-6, rtol=1e-6)
