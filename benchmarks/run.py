@@ -4,6 +4,7 @@
     python benchmarks/run.py train infer decode dora conv overhead inject merge
     python benchmarks/run.py train infer --device cuda --dtype bfloat16
     python benchmarks/run.py train --keep-heap  # no page-fault noise from glibc's heap trimming
+    python benchmarks/run.py train infer --runs 5  # each section in 5 fresh processes, figures as ranges
 """
 
 from __future__ import annotations
@@ -548,6 +549,8 @@ def main() -> None:
                         "inject and merge always run on the CPU")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="base model dtype for train, dropout-memory, infer, decode, conv (adapters stay float32)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="run each section in this many fresh processes and report every figure's range")
     parser.add_argument("--keep-heap", action="store_true",
                         help="glibc: never hand freed heap back to the system, so steps pay no page faults for "
                         "earlier frees (both sides alike); default: the allocator as users get it")
@@ -556,6 +559,12 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     args.sections = args.sections or list(SECTIONS)
+    if args.runs > 1:
+        from runs import run_sections
+
+        passthrough = ["--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype]
+        run_sections(args.sections, args.runs, passthrough + (["--keep-heap"] if args.keep_heap else []))
+        return
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     heap = "default heap"
     if args.keep_heap:

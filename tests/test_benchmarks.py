@@ -79,3 +79,16 @@ def test_keep_freed_heap_and_the_command_line(tmp_path):
     refused = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "run.py"), "nonsense"],
                              capture_output=True, text=True)
     assert refused.returncode == 2 and "unknown sections" in refused.stderr
+
+
+def test_runs_report_every_figure_as_its_range():
+    from runs import merge_runs
+
+    outputs = [["step: ours 0.95x PEFT, batch 64", "saved 164.0 MiB"],
+               ["step: ours 0.91x PEFT, batch 64", "saved 164.0 MiB"],
+               ["step: ours 1.02x PEFT, batch 64", "saved 164.0 MiB", "extra"]]
+    merged = merge_runs(outputs)
+    assert merged[0] == "step: ours 0.91-1.02x PEFT, batch 64"
+    assert merged[1] == "saved 164.0 MiB"
+    assert "only the common ones" in merged[2]
+    assert merge_runs([["a 1 b"], ["c 2 d"]])[0].startswith("(runs disagree")
