@@ -20,6 +20,7 @@ from .errors import AdapterExistsError, ConfigError
 from .guards import check_not_distributed, unwrap
 from .inject import _STATE_ATTR, _require_adapter, check_adapter_name, inject_resolved, lora_layers
 from .layers import LoraLayer
+from .layers.principal import is_principal_init
 from .plan import resolve
 
 FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -69,11 +70,11 @@ def _check(model: nn.Module, weights: Mapping[str, float], name: str, method: st
         raise ConfigError(f"method {method!r} needs density (the fraction kept) in [0, 1]; got {density!r}.")
     configs = getattr(model, _STATE_ATTR)
     odd = [a for a in weights if configs[a].dora or configs[a].lora_bias or configs[a].modules_to_save
-           or configs[a].trainable_tokens or configs[a].bias != "none"]
+           or configs[a].trainable_tokens or configs[a].bias != "none" or is_principal_init(configs[a].init)]
     if odd:
         raise ConfigError(
             f"combine_adapters combines LoRA factors; {odd} also carry DoRA magnitudes, B biases, trained biases, "
-            "trained modules or token rows, which have no weighted combination here."
+            "trained modules, token rows or a PiSSA/OLoRA base change, which have no weighted combination here."
         )
     return list(weights)
 

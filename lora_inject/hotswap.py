@@ -110,6 +110,10 @@ def hotswap_adapter(
 
 def _planned_writes(layers: dict, adapter: str, config, tensors: dict, max_rank: int, where: str) -> list:
     """Every (target params, new values) pair, computed and checked before any write."""
+    others = sorted(k for k in tensors if ".lora_" not in k)
+    if others:  # full weights (a resized vocabulary), biases: what a swap of factors would silently drop
+        raise AdapterFileError(f"{where}: tensors that are not LoRA factors ({others[:3]}); hot swap writes factors "
+                               "only. Load this adapter with load_adapter instead.")
     paths = {key.rsplit(".lora_", 1)[0] for key in tensors if ".lora_" in key}
     outside = sorted(paths - set(layers))
     if outside:

@@ -50,6 +50,9 @@ def merge(
         if kind.requantize is None:
             raise MergeError(f"{path}: {kind.name} weights cannot be re-quantized here; "
                              "merge_and_unload(model, dequantize=torch.bfloat16) gives a float model instead.")
+        if any(module.use_lora_bias.get(n) for n in to_merge(module)):
+            raise MergeError(f"{path}: a lora_bias adapter adds to the bias as well, which re-quantizing does not "
+                             "cover; merge_and_unload(model, dequantize=torch.bfloat16) merges it exactly.")
     modules = [(p, m) for p, m in modules if all(m is not q for _, q in requantized)]
     for path, module in modules:  # before anything is written: never a half-merged model
         for name in to_merge(module):

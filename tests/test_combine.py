@@ -98,3 +98,10 @@ def test_errors_leave_the_model_as_it_was():
     with pytest.raises(ConfigError, match="one rank per module"):
         li.combine_adapters(model, {"a": 1.0, "c": 1.0}, "ac", "linear")
     assert set(li.adapter_configs(model)) == before | {"c"}
+
+
+def test_pissa_adapters_are_not_combined():
+    model = li.inject(tiny_llama(), targets=["q_proj"], r=2, init="pissa", adapter="a")
+    li.inject(model, targets=["q_proj"], r=2, adapter="b")
+    with pytest.raises(ConfigError, match="PiSSA"):
+        li.combine_adapters(model, {"a": 0.5, "b": 0.5}, "ab")

@@ -82,3 +82,15 @@ def test_what_does_not_fit_is_refused_and_nothing_changes(adapters, tmp_path):
     with pytest.raises(AdapterFileError, match="max_rank=6"):
         li.hotswap_adapter(model, tmp_path / "big")
     assert all(torch.equal(v, before[k]) for k, v in li.lora_state_dict(model).items())
+
+
+def test_a_file_with_more_than_factors_is_refused(adapters, tmp_path):
+    base, folder, _ = adapters
+    model = li.load_adapter(copy.deepcopy(base), folder / "first").eval()
+    li.prepare_hotswap(model, max_rank=8)
+    before = {k: v.clone() for k, v in li.lora_state_dict(model).items()}
+    resized = li.load_adapter(copy.deepcopy(base), folder / "first")
+    li.save_adapter(resized, tmp_path / "with_embedding", save_embedding_layers=True)
+    with pytest.raises(AdapterFileError, match="not LoRA factors"):
+        li.hotswap_adapter(model, tmp_path / "with_embedding")
+    assert all(torch.equal(v, before[k]) for k, v in li.lora_state_dict(model).items())

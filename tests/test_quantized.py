@@ -276,3 +276,12 @@ def test_loftq_takes_the_best_rank_r_part_of_the_quantization_error(float_dir):
         assert (model(X).logits - want).norm() < (before - want).norm()
     with pytest.raises(li.ConfigError, match="no quantized Linear"):
         li.loftq(li.inject(tiny_llama(), targets=["q_proj"]), float_dir)
+
+
+def test_requantized_merge_refuses_a_lora_bias_it_cannot_carry(float_dir):
+    model = li.inject(BACKENDS["bnb_nf4_double_quant"](float_dir), targets=["down_proj"], r=4, lora_bias=True)
+    packed = model.model.layers[0].mlp.down_proj.base_layer.weight.data.clone()
+    with pytest.raises(MergeError, match="lora_bias"):
+        li.merge(model, requantize=True)
+    assert torch.equal(model.model.layers[0].mlp.down_proj.base_layer.weight.data, packed)
+    assert model.model.layers[0].mlp.down_proj.merged_adapters == []
