@@ -207,3 +207,34 @@ def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
         out = fn()
     del out
     return sum(seen.values())
+
+
+def peak_tensor_bytes(fn: Callable[[], object]) -> int:
+    """The most bytes held at once by tensors created during ``fn`` (each storage counted once, freed when
+    its last tensor goes): the transient memory a call needs, on any device, without allocator noise."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    live: dict[int, int] = {}
+    peak = [0]
+
+    def release(key: int) -> None:
+        live.pop(key, None)
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    storage = t.untyped_storage()
+                    key = storage.data_ptr()
+                    if key and key not in live:
+                        live[key] = storage.nbytes()
+                        weakref.finalize(storage, release, key)
+                        peak[0] = max(peak[0], sum(live.values()))
+            return out
+
+    with Track():
+        fn()
+    return peak[0]

@@ -516,6 +516,52 @@ def bench_combine(repeats: int) -> list[str]:
     return lines
 
 
+def _moe_model(kind: str):
+    import transformers as t
+
+    if kind == "mixtral":
+        config = t.MixtralConfig(vocab_size=2000, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                                 num_attention_heads=8, num_key_value_heads=2, num_local_experts=8,
+                                 num_experts_per_tok=2)
+        return t.MixtralForCausalLM(config)
+    config = t.Qwen3MoeConfig(vocab_size=2000, hidden_size=512, intermediate_size=1024, moe_intermediate_size=384,
+                              num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, num_experts=16,
+                              num_experts_per_tok=4, head_dim=64)
+    return t.Qwen3MoeForCausalLM(config)
+
+
+def bench_moe(repeats: int) -> list[str]:
+    """LoRA r=16 on fused experts (gate_up_proj, down_proj) and the router, forward + backward, batch 4 x 128:
+    time (ours / PEFT) and the peak of tensors alive during the step, per experts implementation."""
+    import peft as peft_lib
+    from common import peak_tensor_bytes
+
+    import lora_inject as li
+
+    targets = ["experts.gate_up_proj", "experts.down_proj", "gate.weight"]
+    lines = []
+    for kind in ("mixtral", "qwen3_moe"):
+        base = _moe_model(kind)
+        a = li.inject(copy.deepcopy(base), target_parameters=targets, r=16).train()
+        b = peft_lib.get_peft_model(copy.deepcopy(base), peft_lib.LoraConfig(
+            r=16, target_modules=[], target_parameters=targets)).train()
+        ids = token_ids(4, 128)
+        for implementation in ("grouped_mm", "eager"):
+            for model in (a, b.base_model.model):
+                model.config._experts_implementation = implementation
+
+            def step(model, ids=ids):
+                return lambda: model(input_ids=ids, labels=ids).loss.backward()
+
+            _, _, ratio = paired_ratio(step(a), step(b), repeats=repeats)
+            peaks = {name: peak_tensor_bytes(step(m)) / 2**20 for name, m in (("ours", a), ("peft", b))}
+            lines.append(
+                f"MoE {kind} ({implementation}) train step: ours / PEFT {ratio:.3f}; peak tensors during the step: "
+                f"ours {peaks['ours']:.1f} MiB, PEFT {peaks['peft']:.1f} MiB"
+            )
+    return lines
+
+
 def _timed(fn) -> float:
     import time
 
@@ -538,6 +584,7 @@ SECTIONS = {
     "many-adapters": lambda r: bench_many_adapters(r),
     "hotswap": lambda r: bench_hotswap(r),
     "combine": lambda r: bench_combine(r),
+    "moe": lambda r: bench_moe(r),
 }
 
 

@@ -50,6 +50,15 @@ class Edit:
     addend: torch.Tensor | None = None  # lora_bias: B's bias, added to the stored bias times ``scale``
     row_ids: torch.Tensor | None = None  # trainable tokens: these rows (n,) become ``row_values`` (n, D)
     row_values: torch.Tensor | None = None
+    experts: int = 0  # kind "experts": a 3-D parameter of this many experts (see layers/parameter.py)
+    transposed: bool = False  # kind "experts": A acts on the stored dim 1 (update A_e.T @ B_e.T per expert)
+
+    def expert_factors(self, i: int, j: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Experts [i, j)'s ``(L, R)``, ``scale * L @ R`` their update as stored (the factors merge uses)."""
+        from .layers.parameter import expert_factors
+
+        left, right = expert_factors(self.a.to(dtype), self.b.to(dtype), self.experts, self.transposed)
+        return left[i:j], right[i:j]
 
     def replace_rows(self, rows: torch.Tensor, i: int, j: int) -> torch.Tensor:
         """Rows [i, j) of the output with the trained token rows that fall among them written in."""
@@ -69,6 +78,8 @@ class Edit:
 
         Returns whether the shape decided the layout (a square weight cannot).
         """
+        if self.kind == "experts":
+            return False  # checked when the edit was made (parameter_merge.py)
         out_features, in_features = self.b.shape[0], self.a.shape[1]
         if self.kind == "conv" and self.b.shape[1] != self.a.shape[0]:
             raise MergeError(
@@ -101,6 +112,9 @@ class Edit:
         """``rows`` (float32 or float64, rows [i, j) of the stored weight, contiguous, updated in place)
         plus ``scale * delta``, as one GEMM accumulating into them in rows' dtype: the arithmetic
         ``merge_and_unload`` uses, so both write the same bits."""
+        if self.kind == "experts":  # rows are experts: (j - i, d1, d2) += s * L @ R, one batched GEMM
+            left, right = self.expert_factors(i, j, rows.dtype)
+            return rows.baddbmm_(left, right, alpha=self.scale)
         a, b = self.a.to(rows.dtype), self.b.to(rows.dtype)
         if self.kind == "transposed":  # Conv1D (in, out), Embedding (num_embeddings, dim)
             left, right = a[:, i:j].t(), b.t()
@@ -350,8 +364,7 @@ def merge_checkpoint(
     tensors = read_adapter_tensors(adapter)
     fan_in_fan_out = json.loads((adapter / "adapter_config.json").read_text()).get("fan_in_fan_out", False)
     shards, index = _shards(base)
-    all_keys = {k for s in shards for k in s.keys}
-    matched = _match_keys(plan_edits(config, tensors, fan_in_fan_out), all_keys)
+    matched = _matched_edits(base, adapter, shards, config, tensors, fan_in_fan_out)
     _check_tied(base, matched)
     _check_shapes(base, shards, matched)
     out_dtype = OUT_DTYPES.get(dtype) if dtype else None
@@ -372,6 +385,44 @@ def merge_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _matched_edits(base: Path, adapter: Path, shards: list[Shard], config: LoraConfig, tensors: dict,
+                   fan_in_fan_out: bool) -> dict[str, Edit]:
+    """``{checkpoint key: Edit}``: module edits (:func:`plan_edits`) and parameter edits (``target_parameters``),
+    in the model's names, moved onto the checkpoint's names where it was saved under transformers 4 names."""
+    all_keys = {k for s in shards for k in s.keys}
+    if not config.target_parameters:
+        edits = plan_edits(config, tensors, fan_in_fan_out)
+        if not _unmatched(edits, all_keys) or not (base / "config.json").is_file():
+            return _match_keys(edits, all_keys)
+    from .io import read_peft_version
+    from .moe_layout import is_legacy_layout
+    from .parameter_merge import onto_saved_names, parameter_edits
+
+    shapes = {}
+    for shard in shards:
+        with safe_open(str(base / shard.name), "pt") as handle:
+            shapes.update({k: tuple(handle.get_slice(k).get_shape()) for k in shard.keys})
+    model_shapes = dict(shapes)
+    if config.target_parameters and (base / "config.json").is_file():
+        from .cli import build_on_meta
+
+        model_shapes.update({k: tuple(p.shape) for k, p in build_on_meta(str(base)).named_parameters()})
+    legacy = is_legacy_layout(read_peft_version(adapter))
+    edits, consumed = parameter_edits(base, config, tensors, model_shapes, Edit, legacy)
+    edits = {**plan_edits(config, {k: v for k, v in tensors.items() if k not in consumed}, fan_in_fan_out), **edits}
+    if _unmatched(edits, all_keys) and (base / "config.json").is_file():
+        edits = onto_saved_names(base, edits, shapes, Edit)
+    return _match_keys(edits, all_keys)
+
+
+def _unmatched(edits: dict, all_keys: set[str]) -> bool:
+    try:
+        _match_keys(edits, all_keys)
+    except MergeError:
+        return True
+    return False
 
 
 def _write_shards(base, shards, matched, out_dtype, staging, progress) -> dict[str, int]:

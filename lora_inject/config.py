@@ -60,6 +60,10 @@ class LoraConfig:
         trainable_tokens: token ids whose embedding rows train in full (PEFT's ``trainable_token_indices``):
             a list for the input embedding, or ``{module name: ids}``. A head tied to the embedding shares
             the rows. The way to train tokens added with ``resize_token_embeddings``.
+        target_parameters: parameters to adapt directly (PEFT's field of the same name): fused MoE experts
+            ``(E, out, in)`` (``"experts.gate_up_proj"``), routers (``"gate.weight"``). A name matches
+            ``<module path>.<parameter>`` when it equals it or ends with ``.<name>``. Each expert gets its own
+            rank-r update; see ``layers/parameter.py``.
     """
 
     r: int = 8
@@ -81,6 +85,7 @@ class LoraConfig:
     dora: bool = False
     lora_bias: bool = False
     trainable_tokens: Sequence[int] | Mapping[str, Sequence[int]] | None = None
+    target_parameters: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -116,6 +121,7 @@ class LoraConfig:
                 f"adapter_dtype must be a floating torch.dtype such as torch.float32; got {self.adapter_dtype!r}."
             )
         self.trainable_tokens = _checked_tokens(self.trainable_tokens)
+        self.target_parameters = _checked_parameter_names(self.target_parameters)
         if self.layers is not None:
             indices = [self.layers] if isinstance(self.layers, int) else list(self.layers)
             if not indices or not all(isinstance(i, int) and i >= 0 for i in indices):
@@ -209,6 +215,17 @@ def _checked_tokens(value: Any) -> list[int] | dict[str, list[int]] | None:
             raise ConfigError(f"trainable_tokens as a dict maps module names to token ids; got {value!r}.")
         return {name: _checked_ids(f"trainable_tokens[{name!r}]", ids) for name, ids in value.items()}
     return _checked_ids("trainable_tokens", value)
+
+
+def _checked_parameter_names(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    names = list(value) if isinstance(value, (Sequence, set, frozenset)) else None
+    if not names or not all(isinstance(n, str) and n and not n.startswith(".") for n in names):
+        raise ConfigError(f"target_parameters must be a non-empty list of parameter names; got {value!r}.")
+    return list(dict.fromkeys(sorted(names)))
 
 
 def _checked_ids(what: str, ids: Any) -> list[int]:

@@ -78,7 +78,7 @@ def require_new_adapter(model: nn.Module, adapter: str) -> None:
 
 def _resolve(model: nn.Module, config: LoraConfig, adapter: str) -> Plan:
     require_new_adapter(model, adapter)
-    if config.targets is None:  # a preset: not every family member has every module
+    if config.targets is None and not config.target_parameters:  # a preset: not every member has every module
         from .presets import preset_targets
 
         return resolve(model, config.replace(targets=preset_targets(model)), adapter, every_target_must_match=False)
@@ -311,7 +311,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` everywhere; wrappers left with no adapter are replaced by their base."""
     model = unwrap(model)
     _require_adapter(model, name)
-    for path, module in list(_adapter_modules(model)):
+    for path, module in reversed(list(_adapter_modules(model))):  # nested wrappers: the innermost first
         if name in module.adapter_names:
             module.delete_adapter(name)
         if not module.adapter_names:

@@ -37,6 +37,7 @@ from .inject import (
     require_new_adapter,
 )
 from .layers import LoraLayer, ModulesToSave, TrainableTokens
+from .layers.parameter import LoraParameter
 from .layers.principal import is_principal_init
 from .peft_format import IGNORED_KEY_SUFFIXES, PEFT_PREFIX, disk_key, from_peft_dict, to_peft_dict
 from .plan import Plan, PlannedLayer, logical_modules, resolve
@@ -318,6 +319,8 @@ def _expected(model: nn.Module, resolved: Plan, config: LoraConfig) -> tuple[dic
         wrapper = resolved.wrappers[layer.path]
         for suffix, shape in wrapper.adapter_shapes(layer.r, config.dora, config.lora_bias).items():
             required[f"{layer.path}.{suffix}"] = (shape, ("factor", wrapper, suffix))
+        if isinstance(wrapper, LoraParameter):
+            continue  # the module's other parameters are not the adapter's
         base = wrapper.base_layer
         optional.pop(f"{layer.path}.weight", None)
         optional[f"{layer.path}.base_layer.weight"] = (tuple(base.weight.shape), ("carried", layer.path, base.weight))
@@ -497,12 +500,16 @@ def load_adapter(
     if config.init is False:  # a tensor missing from the file (strict=False) must mean "no change"
         config = config.replace(init=True)
     tensors = read_adapter_tensors(directory)
+    named = _model_names(model, config, tensors, where)
+    converted, (config, tensors) = named[1] is not tensors, named
     try:
         resolved = resolve(model, config, adapter, every_target_must_match=False)
     except AdapterFileError:
         raise
     except LoraInjectError as exc:
         raise type(exc)(f"{where}: the adapter's config does not fit this model. {exc}") from None
+    if not converted:  # factors converted from transformers-4 names are in the current layout already
+        tensors = _current_expert_layout(resolved.wrappers, tensors, directory)
     required, optional = _expected(model, resolved, config)
     _check_tensors(model, tensors, required, optional, config, strict, where)
     inject_resolved(model, resolved, config, adapter)
@@ -512,6 +519,31 @@ def load_adapter(
         delete_adapter(model, adapter)
         raise
     return given
+
+
+def _model_names(model: nn.Module, config: LoraConfig, tensors: dict, where: str):
+    """An adapter saved against transformers 4 names, in the model's names (see old_names.py)."""
+    from .old_names import convert_old_names
+
+    return convert_old_names(model, config, tensors, where)
+
+
+def read_peft_version(directory: str | os.PathLike) -> str | None:
+    """The ``peft_version`` an adapter folder's config records (None if absent)."""
+    try:
+        return json.loads((Path(directory) / CONFIG_NAME).read_text(encoding="utf-8")).get("peft_version")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _current_expert_layout(wrappers: dict, tensors: dict, directory) -> dict:
+    """Expert-parameter factors saved by PEFT <= 0.19.0 converted to the current layout (see moe_layout.py)."""
+    parameters = {p: w for p, w in wrappers.items() if isinstance(w, LoraParameter)}
+    if not parameters:
+        return tensors
+    from .moe_layout import current_layout
+
+    return current_layout(parameters, tensors, read_peft_version(directory), str(directory))
 
 
 def _copy_in(model: nn.Module, tensors: dict, targets: dict, adapter: str) -> None:
@@ -563,6 +595,7 @@ def checked_tensors_for_existing(model: nn.Module, directory: str | os.PathLike,
         if adapter in module.r:
             resolved.wrappers[path] = module
             resolved.layers.append(PlannedLayer(path, "", (), module.r[adapter], 0.0, 0.0, 0))
+    tensors = _current_expert_layout(resolved.wrappers, tensors, directory)
     resolved.modules_to_save = [
         p for p, m in model.named_modules() if isinstance(m, ModulesToSave) and adapter in m.adapter_names
     ]

@@ -121,7 +121,7 @@ def unmerge(model: nn.Module) -> None:
 def _unwrap(model: nn.Module, keep_merged: bool) -> nn.Module:
     check_not_distributed(model, "take the adapters out")
     model = unwrap(model)
-    for path, module in list(_adapter_modules(model)):
+    for path, module in reversed(list(_adapter_modules(model))):  # nested wrappers: the innermost first
         replacement = module.unwrapped(keep_merged)
         replacement.requires_grad_(False)
         _set_submodule(model, path, replacement)

@@ -16,6 +16,7 @@ from torch import nn
 from .config import LoraConfig
 from .errors import AdapterFileError, ConfigError
 from .layers import LoraConv1D, LoraLayer
+from .layers.parameter import LoraParameter
 from .layers.principal import is_principal_init
 from .matching import ALL_LINEAR, REGEX_PREFIX, NameTarget, select
 from .plan import logical_modules
@@ -32,7 +33,7 @@ LORA_CONTAINERS = (
 READ_FIELDS = (
     "r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
     "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "bias", "modules_to_save", "init_lora_weights",
-    "base_model_name_or_path", "task_type", "use_dora", "lora_bias", "trainable_token_indices",
+    "base_model_name_or_path", "task_type", "use_dora", "lora_bias", "trainable_token_indices", "target_parameters",
 )
 IGNORED_FIELDS = (
     "peft_type", "auto_mapping", "peft_version", "revision", "inference_mode", "fan_in_fan_out", "megatron_core",
@@ -41,7 +42,6 @@ IGNORED_FIELDS = (
     "ensure_weight_tying",
 )
 REFUSED_FIELDS = {
-    "target_parameters": "LoRA on nn.Parameters such as fused MoE experts (target_parameters)",
     "layer_replication": "layer replication",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "use_alora": "activated LoRA (aLoRA)",
@@ -74,7 +74,10 @@ def disk_key(memory_key: str, adapter: str) -> str:
 def _peft_targets(model: nn.Module, adapter: str, config: LoraConfig) -> list[str]:
     """The adapter's wrapped paths in PEFT's list form: leaf names when they select exactly these
     paths under PEFT's rules, else the full paths (always exact)."""
-    paths = sorted(p for p, _, w in logical_modules(model) if isinstance(w, LoraLayer) and adapter in w.r)
+    paths = sorted(p for p, _, w in logical_modules(model)
+                   if isinstance(w, LoraLayer) and not isinstance(w, LoraParameter) and adapter in w.r)
+    if not paths:
+        return []
     named = [(p, m) for p, m, _ in logical_modules(model)]
     names = sorted({p.rsplit(".", 1)[-1] for p in paths})
     exclude = [NameTarget(m) for m in config.modules_to_save or ()]
@@ -160,7 +163,19 @@ def to_peft_dict(model: nn.Module, adapter: str, config: LoraConfig) -> dict[str
         "lora_bias": bool(config.lora_bias),
         "trainable_token_indices": _tokens_for_peft(config.trainable_tokens),
         "revision": None,
+        **_parameter_fields(config),
     }
+
+
+# the PEFT version whose layout of expert-parameter factors this library writes (see layers/parameter.py);
+# readers tell it from the older one (PEFT <= 0.19.0) by peft_version where the shapes cannot tell
+PARAMETER_LAYOUT_VERSION = "0.21.2"
+
+
+def _parameter_fields(config: LoraConfig) -> dict[str, Any]:
+    if not config.target_parameters:
+        return {}
+    return {"target_parameters": list(config.target_parameters), "peft_version": PARAMETER_LAYOUT_VERSION}
 
 
 def _tokens_for_peft(tokens: Any) -> Any:
@@ -209,7 +224,7 @@ def from_peft_config(peft_config: Any) -> LoraConfig:
         )
     values = {ours: data.get(theirs) for theirs, ours in _PEFT_TO_OURS.items()}
     values["task_type"] = getattr(values["task_type"], "value", values["task_type"])
-    values["targets"] = _targets_from_peft(values["targets"], "target_modules")
+    values["targets"] = _targets_from_peft(values["targets"], "target_modules") or None
     values["exclude"] = _exclude_from_peft(values["exclude"])
     values["rank_pattern"] = values["rank_pattern"] or {}
     values["alpha_pattern"] = values["alpha_pattern"] or {}
@@ -226,6 +241,7 @@ _PEFT_TO_OURS = {
     "modules_to_save": "modules_to_save", "init_lora_weights": "init",
     "base_model_name_or_path": "base_model_name_or_path", "task_type": "task_type", "use_dora": "dora",
     "lora_bias": "lora_bias", "trainable_token_indices": "trainable_tokens",
+    "target_parameters": "target_parameters",
 }
 
 
@@ -281,13 +297,14 @@ def from_peft_dict(data: Any, source: str = "adapter_config.json") -> LoraConfig
             "(save_pretrained(..., path_initial_model_for_weight_conversion=...))."
         )
     targets = _targets_from_peft(data.get("target_modules"), "target_modules")
-    if not targets:
+    parameters = data.get("target_parameters") or None
+    if not targets and not parameters:
         raise AdapterFileError(f"{source}: target_modules is missing or empty; the adapter names no module.")
     try:
         return LoraConfig(
             r=data.get("r", 8),
             alpha=data.get("lora_alpha", 8),
-            targets=targets,
+            targets=targets or None,
             exclude=_exclude_from_peft(data.get("exclude_modules")),
             layers=data.get("layers_to_transform"),
             layers_pattern=data.get("layers_pattern") or None,
@@ -303,6 +320,7 @@ def from_peft_dict(data: Any, source: str = "adapter_config.json") -> LoraConfig
             dora=bool(data.get("use_dora", False)),
             lora_bias=bool(data.get("lora_bias", False)),
             trainable_tokens=data.get("trainable_token_indices") or None,
+            target_parameters=parameters,
         )
     except AdapterFileError:
         raise

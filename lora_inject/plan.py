@@ -14,8 +14,10 @@ from torch import nn
 from .config import LoraConfig
 from .errors import AdapterExistsError, ConfigError, TargetNotFoundError, UnsupportedModuleError
 from .layers import ADAPTER_MODULES, LoraLayer, wrap
+from .layers.parameter import LoraParameter
 from .layers.principal import is_principal_init
 from .matching import AllLinearTarget, NameTarget, explain_misses, parse_targets, select, with_head
+from .params_plan import resolve_parameters
 from .quantized import logical_numel, logical_weight_shape, quantized_kind
 from .tokens_plan import TokenTarget, resolve_tokens
 
@@ -36,7 +38,10 @@ def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Modul
             seen.add(id(child))
             path = f"{prefix}.{name}" if prefix else name
             if isinstance(child, ADAPTER_MODULES):
-                yield path, child.base_layer, child
+                base = child.base_layer
+                while isinstance(base, ADAPTER_MODULES):  # nested parameter wrappers: the module is innermost
+                    base = base.base_layer
+                yield path, base, child
             else:
                 yield path, child, None
                 yield from walk(child, path)
@@ -59,6 +64,11 @@ class PlannedLayer:
     scale: float
     added_params: int
     quantized: str | None = None  # the base's quantization backend, e.g. "bitsandbytes 4-bit"
+    key: str | None = None  # for a parameter target: "<module path>.<parameter>" (path is where its wrapper sits)
+
+    @property
+    def name(self) -> str:
+        return self.key or self.path
 
 
 @dataclass
@@ -88,7 +98,7 @@ class Plan:
         """A text table of the wrapped modules; ``grouped`` folds layer indices into ``*`` with a count."""
         groups: dict[tuple, list[PlannedLayer]] = {}
         for p in self.layers:
-            name = _LAYER_INDEX.sub(".*.", p.path) if grouped else p.path
+            name = _LAYER_INDEX.sub(".*.", p.name) if grouped else p.name
             kind = f"{p.module_type} ({p.quantized})" if p.quantized else p.module_type
             groups.setdefault((name, kind, p.weight_shape, p.r, p.scale), []).append(p)
         rows = [("module", "count", "type", "weight shape", "r", "scale", "added params")]
@@ -134,6 +144,8 @@ def resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_mus
     targets = parse_targets(config.targets)
     if any(isinstance(t, AllLinearTarget) for t in targets):
         targets = with_head(targets, output_head_paths(model))
+    if not targets and config.target_parameters:
+        return _with_parameters(Plan([], [], model, {}), walked, config, adapter)
     if not targets:
         raise ConfigError(
             "No targets given and no preset applies: pass targets=[...] (module names such as 'q_proj', "
@@ -163,6 +175,11 @@ def resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_mus
     planned, wrappers = [], {}
     for path, module in chosen:
         wrapper = existing.get(path) or wrap(path, module)
+        if isinstance(wrapper, LoraParameter):
+            raise UnsupportedModuleError(
+                f"{path!r} has LoRA on its parameters ({wrapper.parameter_name}, ...); it cannot also be a module "
+                "target. Leave it out of the targets."
+            )
         if not isinstance(wrapper, LoraLayer):
             raise UnsupportedModuleError(
                 f"{path!r} is already trained another way ({type(wrapper).__name__}: modules_to_save or trainable "
@@ -188,7 +205,29 @@ def resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_mus
     saves = _modules_to_save(named, config.modules_to_save or (), every_target_must_match)
     tokens = resolve_tokens(model, config, adapter, walked, set(wrappers), saves)
     misses = explain_misses(missed, named) if missed else ""
-    return Plan(planned, saves, model, wrappers, misses, tokens)
+    return _with_parameters(Plan(planned, saves, model, wrappers, misses, tokens), walked, config, adapter)
+
+
+def _with_parameters(plan: Plan, walked, config: LoraConfig, adapter: str) -> Plan:
+    """``plan`` plus the wrappers of ``config.target_parameters`` (outer wrappers first: the attach order)."""
+    if not config.target_parameters:
+        return plan
+    if config.dora or config.lora_bias or is_principal_init(config.init):
+        what = "dora" if config.dora else "lora_bias" if config.lora_bias else f"init={config.init!r}"
+        raise UnsupportedModuleError(
+            f"{what} is not implemented for target_parameters (PEFT refuses it too): it needs a module's single "
+            "weight. Use plain LoRA for parameter targets, or put them in another adapter."
+        )
+    for target in resolve_parameters(walked, config, adapter, set(plan.wrappers)):
+        wrapper = target.wrapper
+        r = config.rank_for(target.key)
+        added = sum(math.prod(s) for s in wrapper.adapter_shapes(r).values())
+        plan.layers.append(PlannedLayer(
+            target.path, f"{type(wrapper.owner).__name__}.{wrapper.parameter_name}", tuple(wrapper.base_weight.shape),
+            r, config.alpha_for(target.key), config.scale_for(target.key), added, key=target.key,
+        ))
+        plan.wrappers[target.path] = wrapper
+    return plan
 
 
 def _planned(path: str, module: nn.Module, wrapper: LoraLayer, config: LoraConfig) -> PlannedLayer:

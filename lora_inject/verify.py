@@ -14,6 +14,9 @@ ROWS_PER_TENSOR = 3
 
 def _expected_rows(edit, base_rows: torch.Tensor, rows: torch.Tensor, column_norms=None) -> torch.Tensor:
     a, b = edit.a.double(), edit.b.double()
+    if edit.kind == "experts":  # rows are experts
+        left, right = edit.expert_factors(0, edit.experts, torch.float64)
+        return base_rows.double() + edit.scale * (left[rows] @ right[rows])
     if edit.kind == "transposed":  # delta.T[rows] = A.T[rows] @ B.T
         delta = torch.einsum("rk,or->ko", a[:, rows], b)
     elif edit.kind == "conv":

@@ -195,7 +195,6 @@ def test_a_peft_lora_config_is_accepted_and_means_the_same(tmp_path):
 
 @pytest.mark.parametrize("field, value", [
     ("init_lora_weights", "orthogonal"), ("init_lora_weights", "mica"), ("layer_replication", [[0, 1]]),
-    ("target_parameters", ["w"]),
 ])
 def test_a_peft_config_with_what_we_do_not_implement_is_refused_by_name(field, value):
     config = peft.LoraConfig(target_modules=["q_proj"], **{field: value})

@@ -142,13 +142,12 @@ LOADS = [  # (PEFT's case name, model, config)
                                                     "lora_alpha": 32}),
     ("Conv2d 1 LoRA with lora_b bias", "Conv2d", {"target_modules": ["conv2d"], "lora_bias": True, "lora_alpha": 32}),
     ("Conv3d 1 LoRA with lora_b bias", "Conv3d", {"target_modules": ["conv3d"], "lora_bias": True, "lora_alpha": 32}),
+    ("MLP 2 using nn.Parameter LoRA", "MLP", {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]}),
 ]
 
 REFUSALS = [  # (PEFT's case name, model, config, what the refusal names)
     ("MHA 1 LoRA", "MHA", {"target_modules": ["mha"]}, "MultiheadAttention"),
     ("MHA 2 LoRA", "MHA", {"target_modules": ["mha", "lin0"]}, "MultiheadAttention"),
-    ("MLP 2 using nn.Parameter LoRA", "MLP", {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]},
-     "target_parameters"),
     ("Vanilla MLP 1 LoRA with Monteclora", "MLP", {"target_modules": ["lin0"], "monteclora_config": {"num_samples": 2}},
      "monteclora_config"),
     ("BD-LoRA both A and B", "MLP", {"target_modules": ["lin0", "lin1"], "use_bdlora": {
