@@ -68,8 +68,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = build_on_meta(args.model, args.bits)
     targets = args.targets or (preset(args.preset) if args.preset else None)
-    config = LoraConfig(r=args.r, alpha=args.alpha, targets=targets, dora=args.dora)
-    if targets is not None:
+    config = LoraConfig(r=args.r, alpha=args.alpha, targets=targets, dora=args.dora,
+                        target_parameters=args.target_parameters)
+    if targets is not None or args.target_parameters:
         from .plan import resolve
 
         result = resolve(model, config, "default", every_target_must_match=False)
@@ -105,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="show what LoRA would wrap in a model, without reading its weights")
     inspect.add_argument("model", help="model folder, config.json, or hub id")
     inspect.add_argument("--targets", nargs="+", help="module names, 're:<regex>', or all-linear")
+    inspect.add_argument("--target-parameters", nargs="+",
+                         help="parameters to adapt directly, e.g. experts.gate_up_proj experts.down_proj gate.weight")
     inspect.add_argument("--preset", help="use a preset's targets (llama, gpt2, bert, t5, vit, whisper)")
     inspect.add_argument("-r", type=int, default=8, help="rank (default 8)")
     inspect.add_argument("--alpha", type=float, default=16.0, help="alpha (default 16)")

@@ -400,8 +400,10 @@ def _check_tensors(
     known_paths = {path for path, _, _ in logical_modules(model)}
     if unexpected and not any(_module_of(k) in known_paths for k in unexpected):
         raise AdapterFileError(
-            f"{where}: the file names modules this model does not have: {preview(unexpected)}. The adapter was "
-            "probably trained on another architecture; load it into the model it was made for."
+            f"{where}: the file names modules this model does not have: {preview(unexpected)}; the model's "
+            f"closest: {_closest(_module_of(unexpected[0]), known_paths)}. Neither the model's names nor "
+            "transformers' rules for names saved under transformers 4 account for them: the adapter was probably "
+            "trained on another architecture; load it into the model it was made for."
         )
     carrying = [k for k in unexpected if ".lora_" in k or k.endswith(f".{TOKEN_ROWS}")]
     if carrying:
@@ -428,6 +430,12 @@ def _check_tensors(
         )
     if problems:
         warnings.warn(f"{where}: " + "; ".join(problems) + ".", stacklevel=3)
+
+
+def _closest(path: str, known: set[str]) -> str:
+    import difflib
+
+    return ", ".join(difflib.get_close_matches(path, sorted(known), n=3, cutoff=0.3)) or "nothing alike"
 
 
 def _check_magnitudes(tensors: dict, missing: list[str], where: str) -> None:

@@ -168,7 +168,13 @@ def _collect(fused: dict, landing: Landing, path: str, local: dict, config: Lora
         )
     param = params.get(landing.key)
     if param is None:
-        raise AdapterFileError(f"{where}: {path} lands in {landing.key}, which this model does not have.")
+        import difflib
+
+        close = ", ".join(difflib.get_close_matches(landing.key, sorted(params), n=3, cutoff=0.3)) or "nothing alike"
+        raise AdapterFileError(
+            f"{where}: transformers' rules put {path} into {landing.key}, which this model does not have; the "
+            f"model's closest: {close}. The adapter was probably trained on another architecture."
+        )
     stacked = landing.expert is not None
     axis = (landing.concat_dim or (1 if stacked else 0)) - (1 if stacked else 0)
     entry = fused.setdefault(landing.key, _Fused(landing.key, landing.parts, axis))

@@ -361,5 +361,26 @@ def test_names_that_match_neither_form_get_the_usual_error(tmp_path):
     tensors = {k.replace("block_sparse_moe", "sparse_block"): v
                for k, v in load_file(adapter / "adapter_model.safetensors").items()}
     save_file(tensors, adapter / "adapter_model.safetensors")
-    with pytest.raises(AdapterFileError, match="does not have"):
+    with pytest.raises(AdapterFileError, match=r"does not have.*closest: model\.layers\.0\.mlp\.experts"):
         li.load_adapter(model, adapter)
+
+
+def test_from_pretrained_loads_a_transformers4_adapter(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    model = tiny("mixtral")
+    base, adapter, expected = v4_adapter(model, tmp_path, ["q_proj", "w1", "w2", "w3", "gate"])
+    with pytest.warns(UserWarning, match="transformers 4 names"):
+        loaded = li.from_pretrained(base, adapter).eval()
+    batch = inputs("mixtral")
+    assert (output(loaded, batch) - output(expected, batch)).abs().max() < 1e-5
+
+
+def test_inspect_lists_parameter_targets(tmp_path, capsys):
+    from lora_inject.cli import main
+
+    tiny("qwen3_moe").config.save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path), "--target-parameters", "experts.gate_up_proj", "gate.weight"]) == 0
+    table = capsys.readouterr().out
+    assert "layers.*.mlp.experts.gate_up_proj" in table and "Qwen3MoeTopKRouter.weight" in table
