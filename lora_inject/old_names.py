@@ -33,6 +33,7 @@ from .layers import wrapper_for
 from .matching import NameTarget, select
 from .params_plan import matches
 from .plan import logical_modules
+from .quantized import quantized_kind
 
 _FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_magnitude_vector",
                     ".lora_embedding_A", ".lora_embedding_B")
@@ -110,7 +111,17 @@ def _fits_as_is(path: str, known: dict, owners: set[str]) -> bool:
     """A file path the model has as it is: a wrappable module, or a parameter adapter in the new form."""
     if _strip_nesting(path) != path:
         return _strip_nesting(path) in owners
-    return path in owners or (path in known and wrapper_for(known[path]) is not None)
+    return path in owners or (path in known and _wraps_as_module(known[path]))
+
+
+def _wraps_as_module(module: nn.Module) -> bool:
+    """Whether a module LoRA fits: a layer type LoRA wraps whose forward is that layer's own. A Linear
+    subclass with another forward (PhiMoE's router returns a tuple) takes LoRA on its weight instead."""
+    if wrapper_for(module) is None:
+        return False
+    if isinstance(module, nn.Linear) and quantized_kind(module) is None:
+        return type(module).forward is nn.Linear.forward
+    return True
 
 
 def _write_parameters(model: nn.Module, stacked: dict, out: dict) -> None:
@@ -150,7 +161,7 @@ def _rank_alpha(config: LoraConfig, path: str, local: dict) -> tuple[int, float]
 def _renamed_kind(module: nn.Module, path: str, params: dict) -> str:
     """"module" where the path is a module LoRA can wrap, "parameter" where it became a module that only
     owns a 2-D ``weight`` (a router: a Linear in transformers 4), else an error."""
-    if wrapper_for(module) is not None:
+    if _wraps_as_module(module):
         return "module"
     if params.get(f"{path}.weight") is not None and params[f"{path}.weight"].dim() == 2:
         return "parameter"

@@ -41,6 +41,18 @@ def tiny(name: str):
                                 num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
                                 num_experts_per_tok=2, head_dim=8, layer_types=["full_attention"] * 2)
         return t.GptOssForCausalLM(config).eval()
+    small = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    if name == "qwen2_moe":  # routed experts plus a shared expert with its own gate
+        config = t.Qwen2MoeConfig(**small, intermediate_size=32, moe_intermediate_size=8,
+                                  shared_expert_intermediate_size=12, num_experts=4, num_experts_per_tok=2)
+        return t.Qwen2MoeForCausalLM(config).eval()
+    if name == "phimoe":  # the router subclasses nn.Linear but returns a tuple
+        config = t.PhimoeConfig(**small, intermediate_size=8, num_local_experts=4, num_experts_per_tok=2)
+        return t.PhimoeForCausalLM(config).eval()
+    if name == "gpt_neox":  # transformers 4 called the head embed_out
+        config = t.GPTNeoXConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=32, eos_token_id=0, bos_token_id=0)
+        return t.GPTNeoXForCausalLM(config).eval()
     if name == "vit":
         config = t.ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
                              image_size=8, patch_size=4, num_labels=3)
