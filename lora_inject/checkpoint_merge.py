@@ -25,11 +25,11 @@ from .errors import AdapterFileError, ConfigError, MergeError, preview
 from .io import read_adapter_config, read_adapter_tensors
 from .layers.base import merge_dtype
 from .matching import NameTarget
-from .safetensors_stream import DTYPES, StreamWriter
+from .safetensors_stream import DTYPES, ShardReader, StreamWriter
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-CHUNK_ELEMENTS = 1 << 26  # 64M float32 elements (256 MiB) per row chunk
+CHUNK_ELEMENTS = 1 << 22  # 4M elements per row chunk: 16 MiB in float32, a few chunks in flight at most
 OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 @dataclass
@@ -320,7 +320,7 @@ def merged_tensor_rows(tensor_slice, edit: Edit | None, out_dtype: torch.dtype |
         full_slice = None
     rows = shape[0] if shape else 1
     per_row = max(1, math.prod(shape[1:]))
-    whole = edit is None or edit.kind is None or edit.needs_whole_tensor
+    whole = edit is not None and edit.needs_whole_tensor
     step = rows if whole else max(1, CHUNK_ELEMENTS // per_row)
     for i in range(0, rows, step):
         j = min(rows, i + step)
@@ -432,7 +432,7 @@ def _write_shards(base, shards, matched, out_dtype, staging, progress) -> dict[s
     sizes = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
         for shard in shards:
-            with safe_open(str(base / shard.name), "pt") as handle:
+            with ShardReader(base / shard.name) as handle:  # pread, not mmap: RSS holds only rows in flight
                 metadata = handle.metadata() or {"format": "pt"}
                 slices = {k: handle.get_slice(k) for k in shard.keys}
                 specs = []

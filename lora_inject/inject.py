@@ -204,6 +204,12 @@ def _adapter_modules(model: nn.Module) -> Iterator[tuple[str, LoraLayer | Module
             yield path, module
 
 
+def innermost_first(modules) -> list[tuple[str, nn.Module]]:
+    """Adapter modules in model order, except that nested parameter wrappers (``x.base_layer``) come before
+    the wrapper around them: replacing the outer one first would leave the inner one's path dangling."""
+    return sorted(modules, key=lambda item: -item[0].count(".base_layer"))
+
+
 def _require_adapter(model: nn.Module, name: str) -> None:
     known = getattr(model, _STATE_ATTR, {})
     if name not in known:
@@ -311,7 +317,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` everywhere; wrappers left with no adapter are replaced by their base."""
     model = unwrap(model)
     _require_adapter(model, name)
-    for path, module in reversed(list(_adapter_modules(model))):  # nested wrappers: the innermost first
+    for path, module in innermost_first(_adapter_modules(model)):
         if name in module.adapter_names:
             module.delete_adapter(name)
         if not module.adapter_names:

@@ -14,7 +14,7 @@ from torch import nn
 
 from .errors import ConfigError, MergeError
 from .guards import check_not_distributed, unwrap
-from .inject import _STATE_ATTR, _adapter_modules, _require_adapter, _set_submodule
+from .inject import _STATE_ATTR, _adapter_modules, _require_adapter, _set_submodule, innermost_first
 from .layers import LoraLayer
 from .quantized import dequantized_linear, forget_quantization, quantized_kind
 
@@ -121,7 +121,7 @@ def unmerge(model: nn.Module) -> None:
 def _unwrap(model: nn.Module, keep_merged: bool) -> nn.Module:
     check_not_distributed(model, "take the adapters out")
     model = unwrap(model)
-    for path, module in reversed(list(_adapter_modules(model))):  # nested wrappers: the innermost first
+    for path, module in innermost_first(_adapter_modules(model)):
         replacement = module.unwrapped(keep_merged)
         replacement.requires_grad_(False)
         _set_submodule(model, path, replacement)

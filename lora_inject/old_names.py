@@ -81,6 +81,8 @@ def convert_old_names(model: nn.Module, config: LoraConfig, tensors: dict[str, t
         else:
             parameters[f"{new_path}.weight"] = _rank_alpha(config, path, local)
             stacked[f"{new_path}.weight"] = (local[".lora_A.weight"], local[".lora_B.weight"])
+    if not fused and not parameters and out.keys() == tensors.keys():
+        return config, tensors  # no rule applies: the loader reports what the model lacks
     for key, value in tensors.items():  # modules_to_save, carried weights: renamed by the same rules
         if not key.endswith(_FACTOR_SUFFIXES):
             landing = rules.land(key)

@@ -59,3 +59,83 @@ class StreamWriter:
         if self._index != len(self.order):
             name = self.order[self._index][0] if self._index < len(self.order) else "?"
             raise ValueError(f"safetensors stream ended early at tensor {name!r}")
+
+
+class ShardReader:
+    """Read a safetensors file's tensors, or row ranges of them, with plain ``pread`` calls.
+
+    ``safe_open`` memory-maps the file: every page a merge reads stays mapped, and counted in the
+    process's RSS, until the file is closed (a whole 500 MB shard by its end). Reading into fresh
+    buffers keeps only the rows in flight in memory; the page cache is the kernel's, not ours.
+    """
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+        with open(self.path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length))
+        self._metadata = header.pop("__metadata__", None)
+        self._header = header
+        self._start = 8 + length
+        self._fd = None
+
+    def __enter__(self) -> ShardReader:
+        import os
+
+        self._fd = os.open(self.path, os.O_RDONLY)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import os
+
+        os.close(self._fd)
+        self._fd = None
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def metadata(self) -> dict[str, str] | None:
+        return self._metadata
+
+    def get_slice(self, key: str) -> TensorRows:
+        return TensorRows(self, key)
+
+    def read(self, key: str, first: int, last: int) -> torch.Tensor:
+        """Rows [first, last) of tensor ``key`` (its first dimension), as a new tensor."""
+        import os
+
+        info = self._header[key]
+        shape, dtype = tuple(info["shape"]), DTYPES[info["dtype"]]
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        begin = self._start + info["data_offsets"][0] + first * row_bytes
+        size = (last - first) * row_bytes if shape else dtype.itemsize
+        buffer = torch.empty(size, dtype=torch.uint8)
+        view, done = memoryview(buffer.numpy()), 0
+        while done < size:
+            got = os.preadv(self._fd, [view[done:]], begin + done)
+            if got == 0:
+                raise OSError(f"{self.path}: ends inside tensor {key!r}; the file is truncated.")
+            done += got
+        out = buffer.view(dtype)
+        return out.view(last - first, *shape[1:]) if shape else out.view(())
+
+
+class TensorRows:
+    """``safe_open``'s slice interface over :class:`ShardReader`: ``get_shape``, ``get_dtype``, ``[i:j]``."""
+
+    def __init__(self, reader: ShardReader, key: str) -> None:
+        self.reader, self.key = reader, key
+        self._info = reader._header[key]
+
+    def get_shape(self) -> list[int]:
+        return list(self._info["shape"])
+
+    def get_dtype(self) -> str:
+        return self._info["dtype"]
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        shape = self._info["shape"]
+        if not shape:
+            return self.reader.read(self.key, 0, 1)
+        first, last, _ = index.indices(shape[0])
+        return self.reader.read(self.key, first, last)
