@@ -93,9 +93,9 @@ def convert_old_names(model: nn.Module, config: LoraConfig, tensors: dict[str, t
     _write_parameters(model, stacked, out)
     new_config = _config(model, config, modules, parameters)
     warnings.warn(
-        f"{where}: saved against transformers 4 names; converted with transformers' rules ({len(paths)} adapted "
-        f"modules -> {len(modules)} module and {len(parameters)} parameter targets). The outputs are the old "
-        "adapter's exactly; saving writes the transformers-5 form.", stacklevel=3,
+        f"{where}: saved against transformers 4 names (or layer kinds this model no longer has); converted with "
+        f"transformers' rules ({len(paths)} adapted modules -> {len(modules)} module and {len(parameters)} parameter "
+        "targets). The outputs are the old adapter's exactly; saving writes the transformers-5 form.", stacklevel=3,
     )
     return new_config, out
 

@@ -387,3 +387,40 @@ def test_inspect_lists_parameter_targets(tmp_path, capsys):
     assert main(["inspect", str(tmp_path), "--target-parameters", "experts.gate_up_proj", "gate.weight"]) == 0
     table = capsys.readouterr().out
     assert "layers.*.mlp.experts.gate_up_proj" in table and "Qwen3MoeTopKRouter.weight" in table
+
+
+def test_transformers4_mixtral_adapter_equals_the_merge_into_fused_slices(tmp_path):
+    """The expected model written by hand: each expert's W + s B A in its slice of the fused tensors."""
+    model = tiny("mixtral")
+    hidden, inter, experts, r, alpha = 16, 24, 4, 2, 6.0
+    scale = alpha / r ** 0.5  # rsLoRA
+    tensors, expected = {}, copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(1)
+
+    def lora(path, out_features, in_features):
+        a = torch.randn(r, in_features, generator=generator) * 0.3
+        b = torch.randn(out_features, r, generator=generator) * 0.3
+        tensors[f"base_model.model.{path}.lora_A.weight"], tensors[f"base_model.model.{path}.lora_B.weight"] = a, b
+        return scale * b @ a
+
+    with torch.no_grad():
+        for layer in range(2):
+            prefix, block = f"model.layers.{layer}.block_sparse_moe", expected.model.layers[layer].mlp
+            block.gate.weight += lora(f"{prefix}.gate", experts, hidden)
+            for e in range(experts):
+                block.experts.gate_up_proj[e, :inter] += lora(f"{prefix}.experts.{e}.w1", inter, hidden)
+                block.experts.gate_up_proj[e, inter:] += lora(f"{prefix}.experts.{e}.w3", inter, hidden)
+                block.experts.down_proj[e] += lora(f"{prefix}.experts.{e}.w2", hidden, inter)
+    (tmp_path / "a").mkdir()
+    save_file(tensors, tmp_path / "a" / "adapter_model.safetensors")
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": True, "lora_dropout": 0.05,
+        "target_modules": ["w1", "w2", "w3", "gate"]}))
+    with pytest.warns(UserWarning, match="transformers 4 names"):
+        loaded = li.load_adapter(copy.deepcopy(model), tmp_path / "a").eval()
+    batch = inputs("mixtral")
+    assert (output(loaded, batch) - output(expected, batch)).abs().max() < 1e-5
+    config = li.adapter_configs(loaded)["default"]
+    assert config.dropout == 0.05 and config.rslora
+    gate_up = loaded.model.layers[0].mlp.experts.base_layer
+    assert gate_up.r["default"] == 2 * r and abs(gate_up.scaling["default"] - scale) < 1e-12
