@@ -418,3 +418,13 @@ def test_transformers4_mixtral_adapter_equals_the_merge_into_fused_slices(tmp_pa
     assert config.dropout == 0.05 and config.rslora
     gate_up = loaded.model.layers[0].mlp.experts.base_layer
     assert gate_up.r["default"] == 2 * r and abs(gate_up.scaling["default"] - scale) < 1e-12
+
+
+def test_a_router_that_returns_a_tuple_says_to_target_its_weight():
+    model = tiny("phimoe")  # PhimoeTopKRouter subclasses nn.Linear and returns (logits, weights, experts)
+    li.inject(model, targets=["router"], r=2)
+    with pytest.raises(UnsupportedModuleError, match=r"target_parameters=\['<name>.weight'\]"):
+        output(model, inputs("phimoe"))
+    li.unload(model)
+    li.inject(model, target_parameters=["router.weight"], r=2, init=False)
+    assert (output(model, inputs("phimoe")) - output(li.unload(copy.deepcopy(model)), inputs("phimoe"))).abs().max() > 0

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.compiler import is_compiling
 
-from ..errors import AdapterExistsError, AdapterNotFoundError, MergeError
+from ..errors import AdapterExistsError, AdapterNotFoundError, MergeError, UnsupportedModuleError
 from ..quantized import quantized_kind
 from .dora import DoraEntry, Magnitude, norm_dtype, row_norms, squared_row_norms
 
@@ -308,6 +308,8 @@ class LoraLayer(nn.Module):
         if self._routing is not None:
             return self._routed_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
+        if self._running and not isinstance(result, torch.Tensor):
+            raise UnsupportedModuleError(_not_a_tensor(self.base_layer, result))
         for entry in self._running:
             if type(entry) is DoraEntry:
                 result = self._add_dora(entry, x, result)
@@ -587,6 +589,15 @@ class LoraLayer(nn.Module):
 
 
 _GEMM_MERGE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def _not_a_tensor(module: nn.Module, result: object) -> str:
+    kind = type(module)
+    return (
+        f"{kind.__module__}.{kind.__qualname__} returns a {type(result).__name__}, not a tensor, so a LoRA cannot be "
+        "added to its output (it subclasses a layer type but computes more, like a router returning logits and "
+        "indices). Adapt its weight instead: target_parameters=['<name>.weight'], and leave it out of targets."
+    )
 
 
 def merge_dtype(*dtypes: torch.dtype) -> torch.dtype:
