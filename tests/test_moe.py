@@ -428,3 +428,22 @@ def test_a_router_that_returns_a_tuple_says_to_target_its_weight():
     li.unload(model)
     li.inject(model, target_parameters=["router.weight"], r=2, init=False)
     assert (output(model, inputs("phimoe")) - output(li.unload(copy.deepcopy(model)), inputs("phimoe"))).abs().max() > 0
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+def test_compiles_with_fullgraph_where_the_base_does(implementation):
+    model = tiny("mixtral")
+    model.config._experts_implementation = implementation
+    li.inject(model, target_parameters=["experts.gate_up_proj", "experts.down_proj", "gate.weight"], r=2,
+              init=False)
+    batch = inputs("mixtral")
+    eager = output(model, batch)
+    eager.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    torch._dynamo.reset()
+    compiled = output(torch.compile(model, fullgraph=True), batch)
+    compiled.square().mean().backward()
+    assert (compiled - eager).abs().max() < 1e-5
+    for name, grad in grads.items():
+        assert torch.allclose(dict(model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-4), name

@@ -10,7 +10,8 @@ is never built:
 * indexing the expert dimension selects the base and the factors of those experts;
 * ``transpose`` of the last two dimensions swaps the factors;
 * products (``F.linear``, ``matmul``/``@``, ``bmm``, ``grouped_mm``) add ``s * (x @ L) @ R`` (or its
-  mirror image) to the base product, with dropout on the input of the low-rank path.
+  mirror image) to the base product, with dropout on the input of the low-rank path; a grouped product
+  runs its low-rank part through the same grouped kernel.
 
 Anything else (an op we do not know) gets the dense weight ``W + sum s * L @ R`` and runs as it
 would on the parameter: exact, only slower. That cannot apply dropout to the input, so it is refused
@@ -175,27 +176,26 @@ def _matmul(a, b, op) -> torch.Tensor:
 
 
 def _grouped(func, x: torch.Tensor, weight: LowRankUpdated, *args, offs=None, **kwargs) -> torch.Tensor:
-    """Rows of ``x`` (S, d1) sorted by expert, ``offs`` the cumulative row counts: base grouped product,
-    plus per expert ``s * (x_e @ L_e) @ R_e`` on its rows (a loop over experts: r-wide factors break
-    the 16-byte stride rule of the CPU grouped kernel, and the loop is what that kernel does anyway)."""
+    """Rows of ``x`` (S, d1) sorted by expert, ``offs`` the cumulative row counts: the base grouped product plus
+    ``s * (x_e @ L_e) @ R_e`` on each expert's rows, through the same grouped kernel the experts code chose
+    (one call for all experts; transformers' custom-op fallback where it uses that, so ``torch.compile``
+    sees what it sees for the base). The rank is zero-padded to a 16-byte row stride, which the grouped
+    kernels require; the padding adds nothing."""
     if offs is None and args:
         offs, args = args[0], args[1:]
-    result = func(x, weight.base, *args, offs=offs, **kwargs) if offs is not None else func(x, weight.base)
-    start, pieces = 0, []
-    ends = offs.tolist()
-    for e, end in enumerate(ends):
-        if end > start:
-            rows = x[start:end]
-            piece = 0
-            for t in weight.terms:
-                low = _dropped(rows, t.p) @ t.left[e].to(rows.dtype)
-                piece = piece + (low @ t.right[e].to(rows.dtype)) * t.scale
-            pieces.append(piece)
-        start = end
-    if not pieces:
-        return result
-    update = torch.cat(pieces)  # (rows routed to some expert, d2)
-    if update.shape[0] == result.shape[0]:
-        return result + update.to(result.dtype)
-    pad = result.new_zeros(result.shape[0] - update.shape[0], result.shape[1])
-    return result + torch.cat([update.to(result.dtype), pad])
+    result = func(x, weight.base, *args, offs=offs, **kwargs)
+    for t in weight.terms:
+        left, right = _padded_rank(t.left.to(x.dtype), t.right.to(x.dtype))
+        low = func(_dropped(x, t.p), left, offs=offs)  # (S, r)
+        result = result + func(low, right, offs=offs) * t.scale
+    return result
+
+
+def _padded_rank(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L (E, d1, r) and R (E, r, d2), contiguous, with r zero-padded to a multiple of 16 bytes."""
+    r = left.shape[-1]
+    step = max(1, 16 // left.element_size())
+    pad = -r % step
+    left = F.pad(left, (0, pad)) if pad else left.contiguous()
+    right = F.pad(right, (0, 0, 0, pad)) if pad else right.contiguous()
+    return left, right
