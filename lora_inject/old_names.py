@@ -176,8 +176,9 @@ def _collect(fused: dict, landing: Landing, path: str, local: dict, config: Lora
     if extra or config.dora:
         raise AdapterFileError(
             f"{where}: {path} becomes part of the stacked parameter {landing.key} in transformers 5, and its "
-            f"adapter has {extra or 'DoRA'}: a LoRA on an expert parameter is plain (A, B) only (as in PEFT). "
-            "Load it with transformers 4 and merge it there."
+            f"adapter has {'DoRA magnitudes' if config.dora else extra}: a LoRA on an expert parameter is plain "
+            "(A, B) only (as in PEFT). Merge it into the checkpoint on disk instead, where the experts still have "
+            "these names (transformers 5 saves them so): `lora-inject merge BASE ADAPTER OUT`, then load OUT."
         )
     param = params.get(landing.key)
     if param is None:

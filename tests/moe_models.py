@@ -83,7 +83,7 @@ def output(model, batch: dict) -> torch.Tensor:
 
 
 def v4_adapter(model, folder: Path, leaves: list[str], r: int = 2, alpha: float = 6.0, rslora: bool = False,
-               rank_pattern: dict | None = None, dropout: float = 0.0, seed: int = 0):
+               rank_pattern: dict | None = None, dropout: float = 0.0, seed: int = 0, dora: bool = False):
     """Save ``model`` (transformers writes its 4-era names), write a transformers-4 LoRA adapter on the saved
     2-D weights whose module name is in ``leaves``, and return ``(base dir, adapter dir, expected model)``:
     the expected model is the merged checkpoint as transformers loads it."""
@@ -103,14 +103,19 @@ def v4_adapter(model, folder: Path, leaves: list[str], r: int = 2, alpha: float 
         a = torch.randn(rank, in_features, generator=generator) * 0.3
         b = torch.randn(out_features, rank, generator=generator) * 0.3
         scale = alpha / (math.sqrt(rank) if rslora else rank)
-        weights[key] = (weights[key].float() + scale * (b @ a)).to(weights[key].dtype)
+        updated = weights[key].float() + scale * (b @ a)
+        if dora:  # W' = m * (W + s B A) / ||W + s B A||, the norm per output row
+            magnitude = torch.rand(out_features, generator=generator) + 0.5
+            updated = updated * (magnitude / torch.linalg.vector_norm(updated, dim=1))[:, None]
+            tensors[f"base_model.model.{path}.lora_magnitude_vector"] = magnitude
+        weights[key] = updated.to(weights[key].dtype)
         tensors[f"base_model.model.{path}.lora_A.weight"] = a
         tensors[f"base_model.model.{path}.lora_B.weight"] = b
     adapter.mkdir()
     save_file(tensors, adapter / "adapter_model.safetensors")
     (adapter / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": rslora, "target_modules": leaves,
-        "rank_pattern": rank_pattern, "lora_dropout": dropout, "peft_version": "0.15.2",
+        "rank_pattern": rank_pattern, "lora_dropout": dropout, "peft_version": "0.15.2", "use_dora": dora,
     }))
     merged.mkdir()
     for item in base.iterdir():

@@ -335,21 +335,19 @@ def test_fused_gate_up_is_exact(leaves, rslora, ranks, tmp_path):
     assert (output(loaded, batch) - output(expected, batch)).abs().max() < 1e-5
 
 
-def test_transformers4_dora_on_experts_is_refused_with_the_model_unchanged(tmp_path):
+def test_transformers4_dora_on_experts_is_refused_and_the_streaming_merge_is_the_way(tmp_path):
     model = tiny("mixtral")
-    _, adapter, _ = v4_adapter(model, tmp_path, ["w1", "w3"])
-    tensors = load_file(adapter / "adapter_model.safetensors")
-    for key in [k for k in tensors if k.endswith("lora_B.weight")]:
-        tensors[key.replace("lora_B.weight", "lora_magnitude_vector")] = torch.ones(tensors[key].shape[0])
-    save_file(tensors, adapter / "adapter_model.safetensors")
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    (adapter / "adapter_config.json").write_text(json.dumps(dict(config, use_dora=True)))
+    base, adapter, expected = v4_adapter(model, tmp_path, ["w1", "w3", "q_proj"], dora=True)
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(AdapterFileError, match="magnitude"), warnings.catch_warnings():
+    with pytest.raises(AdapterFileError, match="lora-inject merge"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         li.load_adapter(model, adapter)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not li.adapter_configs(model)
+    merge_checkpoint(base, adapter, tmp_path / "merged-dora", progress=False, verify=True)  # the route it names
+    merged = type(model).from_pretrained(tmp_path / "merged-dora").eval()
+    batch = inputs("mixtral")
+    assert (output(merged, batch) - output(expected, batch)).abs().max() < 1e-5
 
 
 def test_names_that_match_neither_form_get_the_usual_error(tmp_path):
@@ -447,3 +445,13 @@ def test_compiles_with_fullgraph_where_the_base_does(implementation):
     assert (compiled - eager).abs().max() < 1e-5
     for name, grad in grads.items():
         assert torch.allclose(dict(model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_transformers4_dora_on_renamed_modules_is_exact(tmp_path):
+    model = tiny("vit")
+    _, adapter, expected = v4_adapter(model, tmp_path, ["query", "value", "dense"], dora=True)
+    with pytest.warns(UserWarning, match="transformers 4 names"):
+        loaded = li.load_adapter(copy.deepcopy(model), adapter)
+    batch = inputs("vit")
+    assert (output(loaded, batch) - output(expected, batch)).abs().max() < 1e-5
+    assert li.adapter_configs(loaded)["default"].dora
