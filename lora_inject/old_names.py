@@ -76,7 +76,7 @@ def convert_old_names(model: nn.Module, config: LoraConfig, tensors: dict[str, t
             out.update({path + k: v for k, v in local.items()})
             continue
         out.update({new_path + k: v for k, v in local.items()})
-        if _renamed_kind(known[new_path], new_path, params) == "module":
+        if _renamed_kind(known[new_path], new_path, params, renamed=landing is not None) == "module":
             modules[new_path] = _rank_alpha(config, path, local)
         else:
             parameters[f"{new_path}.weight"] = _rank_alpha(config, path, local)
@@ -113,7 +113,7 @@ def _fits_as_is(path: str, known: dict, owners: set[str]) -> bool:
     """A file path the model has as it is: a wrappable module, or a parameter adapter in the new form."""
     if _strip_nesting(path) != path:
         return _strip_nesting(path) in owners
-    return path in owners or (path in known and _wraps_as_module(known[path]))
+    return path in owners or (path in known and wrapper_for(known[path]) is not None)
 
 
 def _wraps_as_module(module: nn.Module) -> bool:
@@ -160,10 +160,12 @@ def _rank_alpha(config: LoraConfig, path: str, local: dict) -> tuple[int, float]
     return r, config.alpha_for(path)
 
 
-def _renamed_kind(module: nn.Module, path: str, params: dict) -> str:
+def _renamed_kind(module: nn.Module, path: str, params: dict, renamed: bool) -> str:
     """"module" where the path is a module LoRA can wrap, "parameter" where it became a module that only
-    owns a 2-D ``weight`` (a router: a Linear in transformers 4), else an error."""
-    if _wraps_as_module(module):
+    owns a 2-D ``weight`` (a router: a Linear in transformers 4). A module the rules renamed must also keep
+    nn.Linear's own forward to stay a module target (PhiMoE's router subclasses Linear but returns a tuple);
+    a path the model has under the same name keeps the kind PEFT gives it."""
+    if (_wraps_as_module(module) if renamed else wrapper_for(module) is not None):
         return "module"
     if params.get(f"{path}.weight") is not None and params[f"{path}.weight"].dim() == 2:
         return "parameter"

@@ -218,6 +218,12 @@ def _with_parameters(plan: Plan, walked, config: LoraConfig, adapter: str) -> Pl
             f"{what} is not implemented for target_parameters (PEFT refuses it too): it needs a module's single "
             "weight. Use plain LoRA for parameter targets, or put them in another adapter."
         )
+    if config.layers is not None or config.exclude:
+        warnings.warn(
+            "layers/exclude filter modules, not target_parameters: as in PEFT, every parameter the names match is "
+            "adapted, in every layer. Give a longer name (e.g. 'layers.0.mlp.experts.gate_up_proj') to narrow them.",
+            stacklevel=4,
+        )
     for target in resolve_parameters(walked, config, adapter, set(plan.wrappers)):
         wrapper = target.wrapper
         r = config.rank_for(target.key)

@@ -455,3 +455,28 @@ def test_transformers4_dora_on_renamed_modules_is_exact(tmp_path):
     batch = inputs("vit")
     assert (output(loaded, batch) - output(expected, batch)).abs().max() < 1e-5
     assert li.adapter_configs(loaded)["default"].dora
+
+
+def test_a_current_adapter_on_a_linear_subclass_is_not_converted(tmp_path):
+    """Falcon's projections subclass nn.Linear with their own forward; a PEFT adapter on them (DoRA here)
+    loads as the module LoRA PEFT made, with no conversion."""
+    import transformers as t
+
+    base = t.FalconForCausalLM(t.FalconConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                                              num_attention_heads=2, new_decoder_architecture=False)).eval()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=2, target_modules=["query_key_value", "dense_h_to_4h"], use_dora=True, init_lora_weights=False)).eval()
+    theirs.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ours = li.load_adapter(copy.deepcopy(base), tmp_path).eval()
+    batch = inputs("mixtral")
+    assert (output(ours, batch) - output(theirs, batch)).abs().max() < 1e-5
+    assert li.adapter_configs(ours)["default"].target_parameters is None
+
+
+def test_layers_and_exclude_do_not_filter_parameters_and_say_so():
+    model = tiny("mixtral")
+    with pytest.warns(UserWarning, match="every layer"):
+        li.inject(model, target_parameters=["experts.down_proj"], targets=["q_proj"], layers=[0], r=2)
+    assert isinstance(model.model.layers[1].mlp.experts, li.layers.LoraLayer)

@@ -117,16 +117,16 @@ class LoraParameter(LoraLayer):
     def _add_lora_delta(self, name: str, sign: float) -> None:
         """``P += sign * s * L @ R`` per expert (one batched GEMM), in float32 (float64 where P or the adapter
         is), rounded to P's dtype once."""
-        weight = self.base_weight
+        data = self.base_weight.data
         dtype = self._delta_dtype(name)
         left, right = self.expert_factors(name, dtype)
-        target = weight.data if weight.dtype == dtype and weight.is_contiguous() else weight.data.to(dtype)
+        target = data if data.dtype == dtype and data.is_contiguous() else data.to(dtype, copy=True).contiguous()
         if self.stacked:
             target.baddbmm_(left, right, alpha=sign * self.scaling[name])
         else:
             target.addmm_(left, right, alpha=sign * self.scaling[name])
-        if target is not weight.data:
-            weight.data.copy_(target)
+        if target is not data:
+            data.copy_(target)
 
     def merge_refusal(self, name: str | None = None) -> str | None:
         if not self.base_weight.is_floating_point():
