@@ -71,6 +71,12 @@ def _check(model: nn.Module, weights: Mapping[str, float], name: str, method: st
     configs = getattr(model, _STATE_ATTR)
     odd = [a for a in weights if configs[a].dora or configs[a].lora_bias or configs[a].modules_to_save
            or configs[a].trainable_tokens or configs[a].bias != "none" or is_principal_init(configs[a].init)]
+    experts = [a for a in weights if configs[a].target_parameters]
+    if experts:
+        raise ConfigError(
+            f"combine_adapters combines module LoRA factors; {experts} also adapt parameters (target_parameters: "
+            "MoE experts), whose stacked per-expert factors it does not combine. Merge them one by one instead."
+        )
     if odd:
         raise ConfigError(
             f"combine_adapters combines LoRA factors; {odd} also carry DoRA magnitudes, B biases, trained biases, "

@@ -22,6 +22,7 @@ from .hub import adapter_folder
 from .inject import _STATE_ATTR, _require_adapter, lora_layers
 from .io import read_adapter_config, read_adapter_tensors
 from .layers import LoraLayer
+from .layers.parameter import LoraParameter
 
 _PREPARED = "_lora_inject_hotswap"  # adapter -> max_rank, on the model
 
@@ -41,6 +42,10 @@ def prepare_hotswap(model: nn.Module, max_rank: int, adapter: str = "default") -
     if too_big:
         raise ConfigError(f"max_rank={max_rank} is below this adapter's own ranks: {too_big}.")
     odd = [p for p, m in layers if m.use_dora.get(adapter) or m.use_lora_bias.get(adapter) or m.principal.get(adapter)]
+    experts = [p for p, m in layers if isinstance(m, LoraParameter)]
+    if experts:
+        raise ConfigError(f"Hot swap pads module LoRA factors; {adapter!r} adapts parameters (MoE experts) at "
+                          f"{experts[:3]}, whose stacked factors it does not pad. Use load_adapter for such adapters.")
     if odd:
         raise ConfigError(f"Hot swap handles plain LoRA factors; {adapter!r} has DoRA/lora_bias/PiSSA at {odd}.")
     for _, layer in layers:
@@ -96,9 +101,11 @@ def hotswap_adapter(
     folder = adapter_folder(directory, **hub_kwargs)
     config = read_adapter_config(folder)
     tensors = read_adapter_tensors(folder)
-    if config.dora or config.lora_bias or config.modules_to_save or config.trainable_tokens or config.bias != "none":
+    if (config.dora or config.lora_bias or config.modules_to_save or config.trainable_tokens or config.bias != "none"
+            or config.target_parameters):
         raise AdapterFileError(f"{folder}: hot swap writes plain LoRA factors; this adapter also has DoRA, biases, "
-                               "trained modules or token rows. Load it with load_adapter instead.")
+                               "trained modules, token rows or parameter (MoE expert) targets. Load it with "
+                               "load_adapter instead.")
     layers = {p: m for p, m in lora_layers(inner) if adapter in m.r}
     writes = _planned_writes(layers, adapter, config, tensors, max_rank, str(folder))
     with torch.no_grad():

@@ -480,3 +480,18 @@ def test_layers_and_exclude_do_not_filter_parameters_and_say_so():
     with pytest.warns(UserWarning, match="every layer"):
         li.inject(model, target_parameters=["experts.down_proj"], targets=["q_proj"], layers=[0], r=2)
     assert isinstance(model.model.layers[1].mlp.experts, li.layers.LoraLayer)
+
+
+def test_combine_and_hot_swap_refuse_parameter_adapters(tmp_path):
+    targets = ["experts.gate_up_proj", "experts.down_proj"]
+    model = li.inject(tiny("mixtral"), target_parameters=targets, r=2)
+    li.inject(model, target_parameters=targets, r=3, adapter="b")
+    with pytest.raises(ConfigError, match="target_parameters"):
+        li.combine_adapters(model, {"default": 1.0, "b": 1.0}, "ab")
+    with pytest.raises(ConfigError, match="MoE experts"):
+        li.prepare_hotswap(model, max_rank=4)
+    plain = li.inject(tiny("mixtral"), targets=["q_proj"], r=2)
+    li.prepare_hotswap(plain, max_rank=4)
+    li.save_adapter(model, tmp_path)
+    with pytest.raises(AdapterFileError, match="MoE expert"):
+        li.hotswap_adapter(plain, tmp_path)
