@@ -398,17 +398,16 @@ def _matched_edits(base: Path, adapter: Path, shards: list[Shard], config: LoraC
             return _match_keys(edits, all_keys)
     from .io import read_peft_version
     from .moe_layout import is_legacy_layout
-    from .parameter_merge import onto_saved_names, parameter_edits
+    from .parameter_merge import model_on_meta, onto_saved_names, parameter_edits
 
+    model_on_meta.cache_clear()  # built once per merge, never kept from another one
     shapes = {}
     for shard in shards:
         with safe_open(str(base / shard.name), "pt") as handle:
             shapes.update({k: tuple(handle.get_slice(k).get_shape()) for k in shard.keys})
     model_shapes = dict(shapes)
     if config.target_parameters and (base / "config.json").is_file():
-        from .cli import build_on_meta
-
-        model_shapes.update({k: tuple(p.shape) for k, p in build_on_meta(str(base)).named_parameters()})
+        model_shapes.update({k: tuple(p.shape) for k, p in model_on_meta(str(base)).named_parameters()})
     legacy = is_legacy_layout(read_peft_version(adapter))
     edits, consumed = parameter_edits(base, config, tensors, model_shapes, Edit, legacy)
     edits = {**plan_edits(config, {k: v for k, v in tensors.items() if k not in consumed}, fan_in_fan_out), **edits}

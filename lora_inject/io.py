@@ -508,8 +508,9 @@ def load_adapter(
     if config.init is False:  # a tensor missing from the file (strict=False) must mean "no change"
         config = config.replace(init=True)
     tensors = read_adapter_tensors(directory)
-    named = _model_names(model, config, tensors, where)
-    converted, (config, tensors) = named[1] is not tensors, named
+    read = tensors
+    config, tensors = _model_names(model, config, tensors, where)
+    converted = tensors is not read
     try:
         resolved = resolve(model, config, adapter, every_target_must_match=False)
     except AdapterFileError:

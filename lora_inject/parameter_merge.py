@@ -10,6 +10,7 @@ built on the meta device from the checkpoint's config.json and its registration 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -19,6 +20,14 @@ from .errors import MergeError
 from .params_plan import matches
 
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+
+
+@functools.lru_cache(maxsize=1)
+def model_on_meta(base: str):
+    """The checkpoint's model built on the meta device (no weights read), once per merge (the merge clears it)."""
+    from .cli import build_on_meta
+
+    return build_on_meta(base)
 
 
 def parameter_edits(base: Path, config: LoraConfig, tensors: dict[str, torch.Tensor], shapes: dict[str, tuple],
@@ -104,9 +113,7 @@ def _registration_order(base: Path, module: str, candidates: list[str], depths: 
 
 
 def _model_parameter_order(base: Path, module: str) -> list[str]:
-    from .cli import build_on_meta
-
-    model = build_on_meta(str(base))
+    model = model_on_meta(str(base))
     for prefix in (module, module.split(".", 1)[-1]):
         try:
             return [n for n, _ in model.get_submodule(prefix).named_parameters(recurse=False)]
@@ -122,9 +129,7 @@ def _transposed(base: Path, module: str, shape: tuple, a: torch.Tensor, legacy: 
         return len(shape) == 3 and a.shape[1] == shape[1]
     if legacy:
         return True
-    from .cli import build_on_meta
-
-    model = build_on_meta(str(base))
+    model = model_on_meta(str(base))
     for prefix in (module, module.split(".", 1)[-1]):
         try:
             return bool(getattr(model.get_submodule(prefix), "is_transposed", False))
@@ -149,10 +154,13 @@ def onto_saved_names(base: Path, edits: dict, shapes: dict[str, tuple], edit_typ
     transformers' rules for the model in ``base`` (:mod:`lora_inject.conversion`). A stacked expert
     parameter's update lands in the per-expert tensors it was fused from: expert e's slice of it, rows or
     columns of its part. Edits that land nowhere are left under their own key (the caller reports them)."""
-    from .cli import build_on_meta
     from .conversion import rules_for
+    from .errors import LoraInjectError
 
-    rules = rules_for(build_on_meta(str(base)))
+    try:
+        rules = rules_for(model_on_meta(str(base)))
+    except (LoraInjectError, ImportError, OSError, ValueError):
+        return edits  # not a transformers checkpoint: the caller reports the keys it lacks
     if rules is None or rules.empty:
         return edits
     landings = {k: rules.land(k) for k in shapes}
