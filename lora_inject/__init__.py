@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-from .batching import batch_adapters
-from .combine import combine_adapters
 from .config import LoraConfig
 from .errors import (
     AdapterExistsError,
@@ -24,7 +22,13 @@ from .errors import (
     TargetNotFoundError,
     UnsupportedModuleError,
 )
-from .hotswap import hotswap_adapter, prepare_hotswap
+from .formats.adapter_io import (
+    load_adapter,
+    load_adapter_weights,
+    read_adapter_config,
+    read_adapter_tensors,
+    save_adapter,
+)
 from .inject import (
     active_adapters,
     adapter_configs,
@@ -40,7 +44,6 @@ from .inject import (
     trainable_parameters,
     using_adapter,
 )
-from .io import load_adapter, load_adapter_weights, read_adapter_config, read_adapter_tensors, save_adapter
 from .layers import (
     LoraConv,
     LoraConv1D,
@@ -51,12 +54,14 @@ from .layers import (
     TrainableTokens,
     register,
 )
-from .loftq import loftq
 from .merging import merge, merge_and_unload, unload, unmerge
 from .optim import loraplus_optimizer, loraplus_param_groups
-from .presets import preset
-
-__version__ = "0.1.0"
+from .quantized.loftq import loftq
+from .serving.batching import batch_adapters
+from .serving.combine import combine_adapters
+from .serving.hotswap import hotswap_adapter, prepare_hotswap
+from .targeting.presets import preset
+from .version import __version__  # noqa: F401 (public)
 
 
 def __getattr__(name: str):

@@ -16,7 +16,7 @@ import torch
 
 from .errors import ConfigError
 from .layers.principal import is_principal_init
-from .matching import TargetSpec, first_pattern_match
+from .targeting.matching import TargetSpec, first_pattern_match
 
 BiasMode = Literal["none", "all", "lora_only"]
 InitMode = Union[bool, Literal["kaiming", "gaussian"]]

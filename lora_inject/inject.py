@@ -14,8 +14,8 @@ from .config import LoraConfig, unknown_field_message
 from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError
 from .guards import check_not_distributed, unwrap
 from .layers import ADAPTER_MODULES, LoraLayer, ModulesToSave, TrainableTokens
-from .plan import Plan, resolve
-from .quantized import logical_numel
+from .quantized.registry import logical_numel
+from .targeting.plan import Plan, resolve
 
 _STATE_ATTR = "_lora_inject_configs"  # {adapter name: LoraConfig} kept on the model
 CARRIED_ATTR = "_lora_inject_carried"  # module paths whose full weight is saved with every adapter
@@ -41,7 +41,7 @@ def check_adapter_name(name: object) -> None:
 
 def _config_from(model: nn.Module, config: Any, overrides: dict[str, Any]) -> LoraConfig:
     if type(config).__module__.startswith("peft") and type(config).__name__ == "LoraConfig":
-        from .peft_format import from_peft_config
+        from .formats.peft_config import from_peft_config
 
         config = from_peft_config(config)
     if config is not None and not isinstance(config, LoraConfig):
@@ -79,7 +79,7 @@ def require_new_adapter(model: nn.Module, adapter: str) -> None:
 def _resolve(model: nn.Module, config: LoraConfig, adapter: str) -> Plan:
     require_new_adapter(model, adapter)
     if config.targets is None and not config.target_parameters:  # a preset: not every member has every module
-        from .presets import preset_targets
+        from .targeting.presets import preset_targets
 
         return resolve(model, config.replace(targets=preset_targets(model)), adapter, every_target_must_match=False)
     return resolve(model, config, adapter)
@@ -115,7 +115,7 @@ def inject(
 
 def inject_resolved(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str) -> nn.Module:
     """Apply a plan made by :func:`lora_inject.plan.resolve` for this model, config and adapter."""
-    from .hf_methods import install
+    from .integrations.transformers_methods import install
 
     first_adapter = not getattr(model, _STATE_ATTR, None)
     touched = _apply(model, resolved, config, adapter)
@@ -324,7 +324,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             _set_submodule(model, path, module.base_layer)
     del getattr(model, _STATE_ATTR)[name]
     if not getattr(model, _STATE_ATTR):
-        from .hf_methods import uninstall
+        from .integrations.transformers_methods import uninstall
 
         uninstall(model)
 

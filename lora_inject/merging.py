@@ -16,7 +16,7 @@ from .errors import ConfigError, MergeError
 from .guards import check_not_distributed, unwrap
 from .inject import _STATE_ATTR, _adapter_modules, _require_adapter, _set_submodule, innermost_first
 from .layers import LoraLayer
-from .quantized import dequantized_linear, forget_quantization, quantized_kind
+from .quantized.registry import dequantized_linear, forget_quantization, quantized_kind
 
 
 def merge(
@@ -100,7 +100,7 @@ def _untie_shared_weights(model: nn.Module, merging: list[tuple[nn.Module, list[
             untied.append(module)
     if untied:
         if "transformers" in sys.modules:
-            from .hf import untie_note
+            from .integrations.hf import untie_note
 
             untie_note(model)
         warnings.warn(
@@ -127,8 +127,8 @@ def _unwrap(model: nn.Module, keep_merged: bool) -> nn.Module:
         _set_submodule(model, path, replacement)
     if hasattr(model, _STATE_ATTR):
         object.__delattr__(model, _STATE_ATTR)
-    from .hf_methods import uninstall
-    from .hooks import remove_hooks
+    from .integrations.hooks import remove_hooks
+    from .integrations.transformers_methods import uninstall
 
     uninstall(model)
     remove_hooks(model)

@@ -125,7 +125,7 @@ def test_streaming_merge_is_bit_identical_to_merge_and_unload(kind, dtype, tmp_p
 def test_streaming_merge_of_dora_is_bit_identical_and_verified(kind, dtype, tmp_path, monkeypatch):
     """DoRA rescales every output feature of W + s*dW: row chunks for Linear (norms per row), the whole
     tensor for Conv1D and Embedding (norms per column); --verify recomputes it in float64."""
-    from lora_inject import checkpoint_merge
+    from lora_inject.checkpoint import merge as checkpoint_merge
 
     cls = _checkpoint(tmp_path, kind, dora=True)
     with torch.no_grad():  # magnitudes away from their init: the merge must use them
@@ -206,7 +206,7 @@ def test_merge_refuses_tied_embedding_and_foreign_adapter(tmp_path, capsys):
 
 
 def test_verify_catches_a_wrong_merge(tmp_path, monkeypatch, capsys):
-    from lora_inject import checkpoint_merge
+    from lora_inject.checkpoint import merge as checkpoint_merge
 
     _checkpoint(tmp_path, "llama")
     original = checkpoint_merge.Edit.add_to_rows
@@ -218,7 +218,7 @@ def test_verify_catches_a_wrong_merge(tmp_path, monkeypatch, capsys):
 
 
 def test_merge_in_row_chunks_matches_whole(tmp_path, monkeypatch):
-    from lora_inject import checkpoint_merge
+    from lora_inject.checkpoint import merge as checkpoint_merge
 
     _checkpoint(tmp_path, "gpt2")
     argv = ["merge", str(tmp_path / "base"), str(tmp_path / "adapter")]
@@ -240,7 +240,7 @@ def test_demo_runs_through_the_entry_point(tmp_path, capsys):
 
 
 def test_demo_dataset_is_deterministic_and_balanced():
-    from lora_inject.demo import make_dataset
+    from lora_inject.cli.demo import make_dataset
 
     train, test = make_dataset()
     assert train == make_dataset()[0] and len(train) == 320 and len(test) == 160

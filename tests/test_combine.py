@@ -11,9 +11,9 @@ import torch
 from conftest import randomize_adapters, tiny_gpt2, tiny_llama
 
 import lora_inject as li
-from lora_inject.combine import METHODS
 from lora_inject.errors import AdapterExistsError, ConfigError
-from lora_inject.peft_format import disk_key
+from lora_inject.formats.peft_config import disk_key
+from lora_inject.serving.combine import METHODS
 
 WEIGHTS = {"a": 0.7, "b": -0.4}
 

@@ -10,7 +10,7 @@ import regex
 from torch import nn
 
 import lora_inject as li
-from lora_inject.matching import (
+from lora_inject.targeting.matching import (
     AllLinearTarget,
     NameTarget,
     RegexTarget,

@@ -13,7 +13,7 @@ from moe_models import inputs, output, tiny, v4_adapter
 from safetensors.torch import load_file, save_file
 
 import lora_inject as li
-from lora_inject.checkpoint_merge import merge_checkpoint
+from lora_inject.checkpoint.merge import merge_checkpoint
 from lora_inject.errors import AdapterFileError, ConfigError, TargetNotFoundError, UnsupportedModuleError
 
 peft = pytest.importorskip("peft")

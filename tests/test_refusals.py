@@ -12,7 +12,7 @@ import torch
 from conftest import randomize_adapters, tiny_llama
 
 import lora_inject as li
-from lora_inject.peft_format import IGNORED_FIELDS, READ_FIELDS, REFUSED_FIELDS
+from lora_inject.formats.peft_config import IGNORED_FIELDS, READ_FIELDS, REFUSED_FIELDS
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from torch import nn
 from torch.compiler import is_compiling
 
 from ..errors import AdapterExistsError, AdapterNotFoundError, MergeError, UnsupportedModuleError
-from ..quantized import quantized_kind
+from ..quantized.registry import quantized_kind
 from .dora import DoraEntry, Magnitude, norm_dtype, row_norms, squared_row_norms
 
 

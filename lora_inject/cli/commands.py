@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import LoraInjectError
+from ..errors import LoraInjectError
 
 
 def _load_config(model: str):
@@ -61,9 +61,9 @@ def _bnb_config(config, bits: int | None):
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .config import LoraConfig
-    from .inject import _resolve
-    from .presets import preset
+    from ..config import LoraConfig
+    from ..inject import _resolve
+    from ..targeting.presets import preset
 
     start = time.perf_counter()
     model = build_on_meta(args.model, args.bits)
@@ -71,7 +71,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     config = LoraConfig(r=args.r, alpha=args.alpha, targets=targets, dora=args.dora,
                         target_parameters=args.target_parameters)
     if targets is not None or args.target_parameters:
-        from .plan import resolve
+        from ..targeting.plan import resolve
 
         result = resolve(model, config, "default", every_target_must_match=False)
     else:
@@ -82,7 +82,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .checkpoint_merge import merge_checkpoint
+    from ..checkpoint.merge import merge_checkpoint
 
     out = merge_checkpoint(
         args.base, args.adapter, args.out, dtype=args.dtype, force=args.force, verify=args.verify,

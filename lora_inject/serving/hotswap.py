@@ -15,14 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import exact_config
-from .errors import AdapterFileError, ConfigError
-from .guards import unwrap
-from .hub import adapter_folder
-from .inject import _STATE_ATTR, _require_adapter, lora_layers
-from .io import read_adapter_config, read_adapter_tensors
-from .layers import LoraLayer
-from .layers.parameter import LoraParameter
+from ..config import exact_config
+from ..errors import AdapterFileError, ConfigError
+from ..formats.adapter_io import read_adapter_config, read_adapter_tensors
+from ..formats.hub import adapter_folder
+from ..guards import unwrap
+from ..inject import _STATE_ATTR, _require_adapter, lora_layers
+from ..layers import LoraLayer
+from ..layers.parameter import LoraParameter
 
 _PREPARED = "_lora_inject_hotswap"  # adapter -> max_rank, on the model
 

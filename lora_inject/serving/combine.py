@@ -15,13 +15,13 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .config import LoraConfig, exact_config
-from .errors import AdapterExistsError, ConfigError
-from .guards import check_not_distributed, unwrap
-from .inject import _STATE_ATTR, _require_adapter, check_adapter_name, inject_resolved, lora_layers
-from .layers import LoraLayer
-from .layers.principal import is_principal_init
-from .plan import resolve
+from ..config import LoraConfig, exact_config
+from ..errors import AdapterExistsError, ConfigError
+from ..guards import check_not_distributed, unwrap
+from ..inject import _STATE_ATTR, _require_adapter, check_adapter_name, inject_resolved, lora_layers
+from ..layers import LoraLayer
+from ..layers.principal import is_principal_init
+from ..targeting.plan import resolve
 
 FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SVD_METHODS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -189,7 +189,7 @@ def _add(model: nn.Module, template: str, name: str, factors: dict) -> None:
             stored_a, stored_b = (getattr(layer, c)[name] for c in layer.adapter_param_names[:2])
             (stored_a.weight if isinstance(stored_a, nn.Module) else stored_a).copy_(a)
             (stored_b.weight if isinstance(stored_b, nn.Module) else stored_b).copy_(b)
-    from .inject import set_adapter
+    from ..inject import set_adapter
 
     if active:
         set_adapter(model, active)

@@ -21,11 +21,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import LoraConfig
-from .errors import AdapterFileError, ConfigError, LoraInjectError, preview
-from .guards import SHARDED_LOAD, check_not_distributed, check_not_sharded, unwrap
-from .hub import adapter_folder, missing_path_error
-from .inject import (
+from ..config import LoraConfig
+from ..errors import AdapterFileError, ConfigError, LoraInjectError, preview
+from ..guards import SHARDED_LOAD, check_not_distributed, check_not_sharded, unwrap
+from ..inject import (
     _require_adapter,
     adapter_configs,
     adapter_state,
@@ -36,12 +35,13 @@ from .inject import (
     lora_layers,
     require_new_adapter,
 )
-from .layers import LoraLayer, ModulesToSave, TrainableTokens
-from .layers.parameter import LoraParameter
-from .layers.principal import is_principal_init
-from .peft_format import IGNORED_KEY_SUFFIXES, PEFT_PREFIX, disk_key, from_peft_dict, to_peft_dict
-from .plan import Plan, PlannedLayer, logical_modules, resolve
-from .tokens_plan import TokenTarget
+from ..layers import LoraLayer, ModulesToSave, TrainableTokens
+from ..layers.parameter import LoraParameter
+from ..layers.principal import is_principal_init
+from ..targeting.plan import Plan, PlannedLayer, logical_modules, resolve
+from ..targeting.tokens import TokenTarget
+from .hub import adapter_folder, missing_path_error
+from .peft_config import IGNORED_KEY_SUFFIXES, PEFT_PREFIX, disk_key, from_peft_dict, to_peft_dict
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -202,7 +202,7 @@ def write_adapter(
     model: nn.Module, directory: str | os.PathLike, adapter: str, tensors: dict, principal_as_lora: bool = True
 ) -> Path:
     """Write already collected PEFT-keyed ``tensors`` and the adapter's config, atomically."""
-    from . import __version__
+    from ..version import __version__
 
     config = adapter_configs(model)[adapter]
     if principal_as_lora and is_principal_init(config.init):
@@ -532,7 +532,7 @@ def load_adapter(
 
 def _model_names(model: nn.Module, config: LoraConfig, tensors: dict, where: str):
     """An adapter saved against transformers 4 names, in the model's names (see old_names.py)."""
-    from .old_names import convert_old_names
+    from .transformers4 import convert_old_names
 
     return convert_old_names(model, config, tensors, where)
 
@@ -550,7 +550,7 @@ def _current_expert_layout(wrappers: dict, tensors: dict, directory) -> dict:
     parameters = {p: w for p, w in wrappers.items() if isinstance(w, LoraParameter)}
     if not parameters:
         return tensors
-    from .moe_layout import current_layout
+    from .expert_layout import current_layout
 
     return current_layout(parameters, tensors, read_peft_version(directory), str(directory))
 

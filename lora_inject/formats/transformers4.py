@@ -26,14 +26,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import LoraConfig
-from .conversion import Landing, rules_for
-from .errors import AdapterFileError
-from .layers import wrapper_for
-from .matching import NameTarget, select
-from .params_plan import matches
-from .plan import logical_modules
-from .quantized import quantized_kind
+from ..config import LoraConfig
+from ..errors import AdapterFileError
+from ..layers import wrapper_for
+from ..quantized.registry import quantized_kind
+from ..targeting.matching import NameTarget, select
+from ..targeting.parameters import matches
+from ..targeting.plan import logical_modules
+from .conversion_rules import Landing, rules_for
 
 _FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_magnitude_vector",
                     ".lora_embedding_A", ".lora_embedding_B")

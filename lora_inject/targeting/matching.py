@@ -24,7 +24,7 @@ from typing import Union
 import regex
 from torch import nn
 
-from .errors import ConfigError, PatternTimeoutError
+from ..errors import ConfigError, PatternTimeoutError
 
 REGEX_PREFIX = "re:"
 ALL_LINEAR = "all-linear"

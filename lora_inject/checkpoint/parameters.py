@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .config import LoraConfig
-from .errors import MergeError
-from .params_plan import matches
+from ..config import LoraConfig
+from ..errors import MergeError
+from ..targeting.parameters import matches
 
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 
@@ -25,7 +25,7 @@ A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 @functools.lru_cache(maxsize=1)
 def model_on_meta(base: str):
     """The checkpoint's model built on the meta device (no weights read), once per merge (the merge clears it)."""
-    from .cli import build_on_meta
+    from ..cli.commands import build_on_meta
 
     return build_on_meta(base)
 
@@ -154,8 +154,8 @@ def onto_saved_names(base: Path, edits: dict, shapes: dict[str, tuple], edit_typ
     transformers' rules for the model in ``base`` (:mod:`lora_inject.conversion`). A stacked expert
     parameter's update lands in the per-expert tensors it was fused from: expert e's slice of it, rows or
     columns of its part. Edits that land nowhere are left under their own key (the caller reports them)."""
-    from .conversion import rules_for
-    from .errors import LoraInjectError
+    from ..errors import LoraInjectError
+    from ..formats.conversion_rules import rules_for
 
     try:
         rules = rules_for(model_on_meta(str(base)))

@@ -14,9 +14,9 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from .errors import AdapterNotFoundError, ConfigError, MergeError
-from .guards import unwrap
-from .inject import _STATE_ATTR, _adapter_modules
+from ..errors import AdapterNotFoundError, ConfigError, MergeError
+from ..guards import unwrap
+from ..inject import _STATE_ATTR, _adapter_modules
 
 
 class Routing:
@@ -110,7 +110,7 @@ def batch_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
     if any(m.__dict__.get("_routing") is not None for m in modules):
         raise ConfigError("batch_adapters blocks do not nest; leave the outer one first.")
     if len(set(names)) == 1:  # one adapter (or the base) for every row: the ordinary path is the fastest
-        from .inject import using_adapter
+        from ..inject import using_adapter
 
         with using_adapter(model, names[0]):
             yield model

@@ -13,13 +13,13 @@ from typing import Any
 
 from torch import nn
 
-from .config import LoraConfig
-from .errors import AdapterFileError, ConfigError
-from .layers import LoraConv1D, LoraLayer
-from .layers.parameter import LoraParameter
-from .layers.principal import is_principal_init
-from .matching import ALL_LINEAR, REGEX_PREFIX, NameTarget, select
-from .plan import logical_modules
+from ..config import LoraConfig
+from ..errors import AdapterFileError, ConfigError
+from ..layers import LoraConv1D, LoraLayer
+from ..layers.parameter import LoraParameter
+from ..layers.principal import is_principal_init
+from ..targeting.matching import ALL_LINEAR, REGEX_PREFIX, NameTarget, select
+from ..targeting.plan import logical_modules
 
 PEFT_PREFIX = "base_model.model."
 LORA_CONTAINERS = (

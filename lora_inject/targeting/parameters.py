@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import LoraConfig
-from .errors import ConfigError, TargetNotFoundError, UnsupportedModuleError
-from .layers.parameter import LoraParameter
+from ..config import LoraConfig
+from ..errors import ConfigError, TargetNotFoundError, UnsupportedModuleError
+from ..layers.parameter import LoraParameter
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import UnsupportedModuleError
+from ..errors import UnsupportedModuleError
 
 
 @dataclass(frozen=True)

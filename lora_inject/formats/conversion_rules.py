@@ -17,7 +17,7 @@ from functools import cached_property
 
 from torch import nn
 
-from .errors import AdapterFileError
+from ..errors import AdapterFileError
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ import torch
 import transformers
 from torch import nn
 
-from .errors import ConfigError
-from .inject import active_adapters
-from .io import load_adapter_weights, save_adapter
+from ..errors import ConfigError
+from ..formats.adapter_io import load_adapter_weights, save_adapter
+from ..inject import active_adapters
 
 
 class AdapterTrainer(transformers.Trainer):

@@ -11,15 +11,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import LoraConfig
-from .errors import AdapterExistsError, ConfigError, TargetNotFoundError, UnsupportedModuleError
-from .layers import ADAPTER_MODULES, LoraLayer, wrap
-from .layers.parameter import LoraParameter
-from .layers.principal import is_principal_init
+from ..config import LoraConfig
+from ..errors import AdapterExistsError, ConfigError, TargetNotFoundError, UnsupportedModuleError
+from ..layers import ADAPTER_MODULES, LoraLayer, wrap
+from ..layers.parameter import LoraParameter
+from ..layers.principal import is_principal_init
+from ..quantized.registry import logical_numel, logical_weight_shape, quantized_kind
 from .matching import AllLinearTarget, NameTarget, explain_misses, parse_targets, select, with_head
-from .params_plan import resolve_parameters
-from .quantized import logical_numel, logical_weight_shape, quantized_kind
-from .tokens_plan import TokenTarget, resolve_tokens
+from .parameters import resolve_parameters
+from .tokens import TokenTarget, resolve_tokens
 
 
 def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module | None]]:

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .guards import check_not_sharded
-from .inject import CARRIED_ATTR, _adapter_modules, _require_adapter, _set_submodule, adapter_configs, carried_paths
-from .layers import ADAPTER_MODULES, LoraLayer, ModulesToSave
+from ..errors import ConfigError
+from ..guards import check_not_sharded
+from ..inject import CARRIED_ATTR, _adapter_modules, _require_adapter, _set_submodule, adapter_configs, carried_paths
+from ..layers import ADAPTER_MODULES, LoraLayer, ModulesToSave
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -78,7 +78,7 @@ def save_pretrained(
     files are always one safetensors file. Reload with
     ``lora_inject.from_pretrained(folder)``, ``PeftModel.from_pretrained`` or ``AutoPeftModelFor...``.
     """
-    from .io import adapter_tensors, write_adapter
+    from ..formats.adapter_io import adapter_tensors, write_adapter
 
     names = list(selected_adapters) if selected_adapters else list(adapter_configs(self))
     for name in names:

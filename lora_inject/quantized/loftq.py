@@ -18,11 +18,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .errors import AdapterFileError, ConfigError
-from .guards import unwrap
-from .inject import _require_adapter, lora_layers
-from .layers import LoraLinear
-from .quantized import dequantized_weight, quantized_kind
+from ..errors import AdapterFileError, ConfigError
+from ..guards import unwrap
+from ..inject import _require_adapter, lora_layers
+from ..layers import LoraLinear
+from .registry import dequantized_weight, quantized_kind
 
 
 def loftq(

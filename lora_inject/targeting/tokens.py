@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import LoraConfig
-from .errors import ConfigError, TargetNotFoundError, UnsupportedModuleError
-from .layers import TrainableTokens
-from .layers.trainable_tokens import row_kind
+from ..config import LoraConfig
+from ..errors import ConfigError, TargetNotFoundError, UnsupportedModuleError
+from ..layers import TrainableTokens
+from ..layers.trainable_tokens import row_kind
 from .matching import NameTarget, explain_misses
 
 DEFAULT_EMBEDDING_NAME = "embed_tokens"  # PEFT's fallback for a model without get_input_embeddings

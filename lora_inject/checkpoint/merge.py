@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .config import LoraConfig
-from .errors import AdapterFileError, ConfigError, MergeError, preview
-from .io import read_adapter_config, read_adapter_tensors
-from .layers.base import merge_dtype
-from .matching import NameTarget
-from .safetensors_stream import DTYPES, ShardReader, StreamWriter
+from ..config import LoraConfig
+from ..errors import AdapterFileError, ConfigError, MergeError, preview
+from ..formats.adapter_io import read_adapter_config, read_adapter_tensors
+from ..layers.base import merge_dtype
+from ..targeting.matching import NameTarget
+from .stream import DTYPES, ShardReader, StreamWriter
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -55,7 +55,7 @@ class Edit:
 
     def expert_factors(self, i: int, j: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Experts [i, j)'s ``(L, R)``, ``scale * L @ R`` their update as stored (the factors merge uses)."""
-        from .layers.parameter import expert_factors
+        from ..layers.parameter import expert_factors
 
         left, right = expert_factors(self.a.to(dtype), self.b.to(dtype), self.experts, self.transposed)
         return left[i:j], right[i:j]
@@ -396,9 +396,9 @@ def _matched_edits(base: Path, adapter: Path, shards: list[Shard], config: LoraC
         edits = plan_edits(config, tensors, fan_in_fan_out)
         if not _unmatched(edits, all_keys) or not (base / "config.json").is_file():
             return _match_keys(edits, all_keys)
-    from .io import read_peft_version
-    from .moe_layout import is_legacy_layout
-    from .parameter_merge import model_on_meta, onto_saved_names, parameter_edits
+    from ..formats.adapter_io import read_peft_version
+    from ..formats.expert_layout import is_legacy_layout
+    from .parameters import model_on_meta, onto_saved_names, parameter_edits
 
     model_on_meta.cache_clear()  # built once per merge, never kept from another one
     shapes = {}

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import MergeError
+from ..errors import MergeError
 
 ROWS_PER_TENSOR = 3
 

@@ -8,7 +8,7 @@ from importlib import resources
 
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .matching import is_linear_like
 
 if sys.version_info >= (3, 11):

@@ -1,0 +1,5 @@
+"""The ``lora-inject`` command (``commands``) and its demo (``demo``)."""
+
+from .commands import main
+
+__all__ = ["main"]

@@ -1,0 +1,1 @@
+"""Serving many adapters: per-row adapters in one batch, weighted combinations, hot swap."""
