@@ -22,13 +22,9 @@ from .errors import (
     TargetNotFoundError,
     UnsupportedModuleError,
 )
-from .formats.adapter_io import (
-    load_adapter,
-    load_adapter_weights,
-    read_adapter_config,
-    read_adapter_tensors,
-    save_adapter,
-)
+from .formats.load import load_adapter, load_adapter_weights
+from .formats.registry import read_adapter_config, read_adapter_tensors
+from .formats.save import save_adapter
 from .inject import (
     active_adapters,
     adapter_configs,
@@ -44,6 +40,7 @@ from .inject import (
     trainable_parameters,
     using_adapter,
 )
+from .integrations import transformers_methods  # noqa: F401 (registers its model-event handlers)
 from .layers import (
     LoraConv,
     LoraConv1D,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Union
 
 import torch
@@ -145,6 +145,30 @@ class LoraConfig:
     def replace(self, **changes: Any) -> LoraConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+# Config objects of other libraries that inject accepts as they are (peft.LoraConfig): registered by the format
+# that knows their fields (formats/peft_config.py), so this module stays below every format.
+_FOREIGN_CONFIGS: list[tuple[Callable[[Any], bool], Callable[[Any], LoraConfig]]] = []
+
+
+def register_foreign_config(accepts: Callable[[Any], bool], convert: Callable[[Any], LoraConfig]) -> None:
+    """Let :func:`lora_inject.inject` take config objects for which ``accepts(obj)``, read by ``convert``."""
+    _FOREIGN_CONFIGS.append((accepts, convert))
+
+
+def foreign_config(config: Any) -> Any:
+    """``config`` as a :class:`LoraConfig` when a registered reader accepts it; otherwise unchanged."""
+    for accepts, convert in _FOREIGN_CONFIGS:
+        if accepts(config):
+            return convert(config)
+    return config
+
+
+# PEFT's rule: an adapter for these tasks also trains and saves the model's head in full (modules_to_save)
+TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",),
+}
 
 
 # PEFT's LoraConfig field -> ours; a PEFT name passed to LoraConfig/inject gets "did you mean" with this

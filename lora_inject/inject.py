@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from .config import LoraConfig, unknown_field_message
+from .config import TASK_HEADS, LoraConfig, foreign_config, unknown_field_message
 from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError
 from .guards import check_not_distributed, unwrap
 from .layers import ADAPTER_MODULES, LoraLayer, ModulesToSave, TrainableTokens
-from .quantized.registry import logical_numel
+from .quantized.registry import logical_numel, prepare_quantized_layers
 from .targeting.plan import Plan, resolve
 
 _STATE_ATTR = "_lora_inject_configs"  # {adapter name: LoraConfig} kept on the model
@@ -25,6 +26,23 @@ def carried_paths(model: nn.Module) -> set[str]:
     """Module paths whose full base weight is saved with each adapter, as PEFT's ``save_embedding_layers``
     does: embeddings resized after inject, and any base weight an adapter file brought in."""
     return model.__dict__.setdefault(CARRIED_ATTR, set())
+
+
+# Surgery never imports an edge. An edge that must act when surgery changes a model (transformers' methods set
+# on an injected model, hooks it installed) registers a handler here; surgery calls it with the model.
+MODEL_EVENTS = ("attached", "detached", "untied")  # first adapter in; last adapter out; a tied weight copied
+_HANDLERS: dict[str, list[Callable[[nn.Module], None]]] = {event: [] for event in MODEL_EVENTS}
+
+
+def on_model_event(event: str, handler: Callable[[nn.Module], None]) -> None:
+    """Call ``handler(model)`` whenever ``event`` (one of :data:`MODEL_EVENTS`) happens to a model."""
+    if handler not in _HANDLERS[event]:
+        _HANDLERS[event].append(handler)
+
+
+def model_event(event: str, model: nn.Module) -> None:
+    for handler in _HANDLERS[event]:
+        handler(model)
 
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -40,10 +58,7 @@ def check_adapter_name(name: object) -> None:
 
 
 def _config_from(model: nn.Module, config: Any, overrides: dict[str, Any]) -> LoraConfig:
-    if type(config).__module__.startswith("peft") and type(config).__name__ == "LoraConfig":
-        from .formats.peft_config import from_peft_config
-
-        config = from_peft_config(config)
+    config = foreign_config(config)
     if config is not None and not isinstance(config, LoraConfig):
         raise ConfigError(
             f"The second argument must be a lora_inject.LoraConfig or a peft.LoraConfig; got "
@@ -55,7 +70,18 @@ def _config_from(model: nn.Module, config: Any, overrides: dict[str, Any]) -> Lo
     config = config.replace(**overrides) if config is not None else LoraConfig(**overrides)
     if config.base_model_name_or_path is None and getattr(model, "name_or_path", None):
         config = config.replace(base_model_name_or_path=str(model.name_or_path))
-    return config
+    return with_task_heads(model, config)
+
+
+def with_task_heads(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """PEFT's rule for ``task_type`` SEQ_CLS, TOKEN_CLS and QUESTION_ANS: the model's head (``classifier``,
+    ``score``, ``qa_outputs``) is trained in full and saved with the adapter (``modules_to_save``), as PEFT's
+    task models do; otherwise it would stay at its random init and PEFT could not load the file."""
+    heads = TASK_HEADS.get(config.task_type or "", ())
+    saved = list(config.modules_to_save or ())
+    present = {path.rsplit(".", 1)[-1] for path, _ in model.named_modules()}
+    added = [h for h in heads if h in present and h not in saved]
+    return config.replace(modules_to_save=saved + added) if added else config
 
 
 def require_new_adapter(model: nn.Module, adapter: str) -> None:
@@ -115,11 +141,11 @@ def inject(
 
 def inject_resolved(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str) -> nn.Module:
     """Apply a plan made by :func:`lora_inject.plan.resolve` for this model, config and adapter."""
-    from .integrations.transformers_methods import install
-
     first_adapter = not getattr(model, _STATE_ATTR, None)
     touched = _apply(model, resolved, config, adapter)
-    install(model)
+    _inherit_training_flag(touched)
+    prepare_quantized_layers(model)
+    model_event("attached", model)
     model.requires_grad_(False)
     _config_record(model).update({adapter: config})
     if first_adapter:  # nothing else to deactivate: skip walking the whole model again
@@ -129,6 +155,18 @@ def inject_resolved(model: nn.Module, resolved: Plan, config: LoraConfig, adapte
         set_adapter(model, adapter)
     _set_bias_trainable(model, config.bias)
     return model
+
+
+def _inherit_training_flag(modules: Iterable[nn.Module]) -> None:
+    """A module we create runs in the mode of the module it stands in for: a wrapper and its adapter parts
+    (dropout) take the ``training`` flag of the layer they wrap, so an adapter added to a model in eval mode
+    does not run dropout at inference (nn.Module starts every new module in training mode)."""
+    for module in modules:
+        base = module.base_layer
+        module.training = base.training
+        for child in module.children():
+            if child is not base:
+                child.train(base.training)
 
 
 def _apply(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str) -> list[nn.Module]:
@@ -147,6 +185,7 @@ def _apply(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str) -
             if previous is not wrapper:
                 _set_submodule(model, layer.path, wrapper)
                 attached.append((layer.path, previous))
+        _warn_tied_copies(model, resolved.modules_to_save)
         for path in resolved.modules_to_save:
             current = model.get_submodule(path)
             if not isinstance(current, ModulesToSave):
@@ -171,6 +210,27 @@ def _apply(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str) -
         for path, previous in reversed(attached):
             _set_submodule(model, path, previous)
         raise
+
+
+def _warn_tied_copies(model: nn.Module, paths: list[str]) -> None:
+    """A module trained in full whose weight another module shares (a tied embedding and head): the trained
+    copy is not shared, so the two part ways (PEFT warns the same)."""
+    if not paths:
+        return
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for path in paths:
+        for param in model.get_submodule(path).parameters():
+            others = [n for n in owners.get(id(param), ()) if not n.startswith(path + ".")]
+            if others:
+                warnings.warn(
+                    f"modules_to_save trains a copy of {path!r}, whose weight {others[0]!r} shares (tied weights). "
+                    "The copy is not shared: after training the two differ, and merge_and_unload unties them "
+                    "(tie_word_embeddings=False). Train both, or use trainable_tokens to train rows of a tied "
+                    "embedding.", stacklevel=4,
+                )
+                break
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -324,9 +384,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             _set_submodule(model, path, module.base_layer)
     del getattr(model, _STATE_ATTR)[name]
     if not getattr(model, _STATE_ATTR):
-        from .integrations.transformers_methods import uninstall
-
-        uninstall(model)
+        model_event("detached", model)
 
 
 def reset_adapters(model: nn.Module, adapter: str | None = None) -> None:

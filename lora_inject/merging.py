@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import sys
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -14,7 +13,7 @@ from torch import nn
 
 from .errors import ConfigError, MergeError
 from .guards import check_not_distributed, unwrap
-from .inject import _STATE_ATTR, _adapter_modules, _require_adapter, _set_submodule, innermost_first
+from .inject import _STATE_ATTR, _adapter_modules, _require_adapter, _set_submodule, innermost_first, model_event
 from .layers import LoraLayer
 from .quantized.registry import dequantized_linear, forget_quantization, quantized_kind
 
@@ -99,10 +98,7 @@ def _untie_shared_weights(model: nn.Module, merging: list[tuple[nn.Module, list[
             base.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
             untied.append(module)
     if untied:
-        if "transformers" in sys.modules:
-            from .integrations.hf import untie_note
-
-            untie_note(model)
+        model_event("untied", model)
         warnings.warn(
             f"{len(untied)} merged layer(s) shared their weight with another module (tied embeddings); each got "
             "its own copy so the merge changes only the adapted module. The model's config now says "
@@ -121,18 +117,29 @@ def unmerge(model: nn.Module) -> None:
 def _unwrap(model: nn.Module, keep_merged: bool) -> nn.Module:
     check_not_distributed(model, "take the adapters out")
     model = unwrap(model)
+    shared_before = _shared_parameters(model)
     for path, module in innermost_first(_adapter_modules(model)):
         replacement = module.unwrapped(keep_merged)
         replacement.requires_grad_(False)
         _set_submodule(model, path, replacement)
     if hasattr(model, _STATE_ATTR):
         object.__delattr__(model, _STATE_ATTR)
-    from .integrations.hooks import remove_hooks
-    from .integrations.transformers_methods import uninstall
-
-    uninstall(model)
-    remove_hooks(model)
+    split = shared_before - _shared_parameters(model)
+    if split:  # a trained copy (modules_to_save) replaced one side of a tied pair
+        model_event("untied", model)
+        warnings.warn(
+            f"{len(split)} weight(s) shared by two modules (tied embeddings) are no longer shared: a trained copy "
+            "(modules_to_save) replaced one side. The model's config now says tie_word_embeddings=False, so "
+            "saving and reloading keeps them apart.", stacklevel=3,
+        )
+    model_event("detached", model)
     return model
+
+
+def _shared_parameters(model: nn.Module) -> set[int]:
+    """The ids of parameters that more than one module uses."""
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    return {key for key, count in uses.items() if count > 1}
 
 
 def merge_and_unload(

@@ -277,3 +277,31 @@ def test_real_minilm_weights(tmp_path):
     torch.testing.assert_close(theirs(**batch).last_hidden_state, adapted, atol=1e-5, rtol=1e-5)
     reloaded = li.from_pretrained(path, tmp_path / "adapter", model_class=t.AutoModel)
     torch.testing.assert_close(reloaded(**batch).last_hidden_state, adapted, atol=1e-6, rtol=1e-6)
+
+
+def test_plain_trainer_resumes_from_adapter_checkpoints_exactly(tmp_path):
+    def run(out, steps, resume=None):
+        torch.manual_seed(0)
+        model = li.inject(tiny_llama(), targets=["q_proj", "v_proj"], r=4)
+        trainer = t.Trainer(model=model, args=_args(out, max_steps=steps, save_steps=2), train_dataset=_dataset())
+        trainer.train(resume_from_checkpoint=resume)
+        return {k: v.clone() for k, v in li.lora_state_dict(model).items()}
+
+    straight = run(tmp_path / "a", 4)
+    assert (tmp_path / "a" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    resumed = run(tmp_path / "b", 4, resume=str(tmp_path / "a" / "checkpoint-2"))
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, atol=1e-6, rtol=1e-6)
+
+
+def test_plain_trainer_loads_the_best_adapter_checkpoint_at_the_end(tmp_path):
+    model = li.inject(tiny_llama(), targets=["q_proj", "v_proj"], r=4)
+    args = _args(tmp_path, max_steps=4, save_steps=2, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                 metric_for_best_model="loss", greater_is_better=True)  # the worse checkpoint: not the last state
+    trainer = t.Trainer(model=model, args=args, train_dataset=_dataset(), eval_dataset=_dataset(4))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None
+    saved = li.read_adapter_tensors(best)
+    for key, value in li.lora_state_dict(model).items():
+        torch.testing.assert_close(value, saved[key.replace(".default", "")], atol=0, rtol=0)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lora_inject as li
-import lora_inject.formats.adapter_io as adapter_io
+import lora_inject.formats.folder as folder_io
 
 warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
@@ -367,7 +367,7 @@ def test_failed_write_keeps_previous_adapter(tmp_path, monkeypatch):
             handle.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapter_io, "save_file", failing_save)
+    monkeypatch.setattr(folder_io, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         li.save_adapter(model, tmp_path)
     after = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
@@ -379,7 +379,7 @@ def test_killed_save_leaves_previous_adapter_intact(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {os.path.dirname(__file__)!r})
-        import torch, lora_inject as li, lora_inject.formats.adapter_io as io
+        import torch, lora_inject as li, lora_inject.formats.folder as io
         from conftest import tiny_llama, randomize_adapters
         model = li.inject(tiny_llama(), targets=["q_proj"])
         li.save_adapter(model, {str(folder)!r})

@@ -306,7 +306,8 @@ def test_transformers4_adapter_equals_the_merged_transformers4_checkpoint(name, 
         return  # PEFT 0.21.2 re-maps gate_proj/up_proj/down_proj targets to expert parameters on load, which drops
         # the dense MLPs' and shared experts' LoRA (its own bug, reported in the issue); our reload above is exact
     back = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "v5").eval()
-    assert (output(back, batch) - want).abs().max() < 1e-5
+    # PEFT sums the unmerged terms in its own order: 1.05e-5 from the merged checkpoint on some CPUs (gpt_neox)
+    assert (output(back, batch) - want).abs().max() < 3e-5
 
 
 def test_deepseek_dense_and_shared_experts_keep_their_linear_lora(tmp_path):

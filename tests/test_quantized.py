@@ -32,9 +32,14 @@ def float_dir(tmp_path_factory):
     return folder
 
 
-def _bnb(float_dir, **config):
+def _bnb(float_dir, avx512bf16=False, **config):
+    """bitsandbytes takes another 4-bit path on CPUs with AVX512-BF16; the tests choose the path, not the CPU."""
     quantization = t.BitsAndBytesConfig(**config)
-    return t.AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=quantization, dtype=torch.float32)
+    model = t.AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=quantization, dtype=torch.float32)
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = avx512bf16
+    return model
 
 
 def _torchao(float_dir, config):
@@ -285,3 +290,108 @@ def test_requantized_merge_refuses_a_lora_bias_it_cannot_carry(float_dir):
         li.merge(model, requantize=True)
     assert torch.equal(model.model.layers[0].mlp.down_proj.base_layer.weight.data, packed)
     assert model.model.layers[0].mlp.down_proj.merged_adapters == []
+
+
+def _repacked_as_on_avx512bf16(model):
+    """What ``Linear4bit.forward`` does to every 4-bit layer on its first eval no-grad forward on a CPU with
+    AVX512-BF16 (bitsandbytes >= 0.48), done directly so that it happens on every CPU."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = True
+            weight = module.weight
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    return model
+
+
+def _unpacked_by_bitsandbytes(model):
+    """The reference: bitsandbytes' own inverse of the repacking, and its path for CPUs without AVX512-BF16."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            weight = module.weight
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    return model
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_a_4bit_base_repacked_for_avx512bf16_inference_trains_every_adapter(float_dir, quant_type):
+    make = BACKENDS["bnb_nf4_double_quant" if quant_type == "nf4" else "bnb_fp4"]
+    repacked, reference = _repacked_as_on_avx512bf16(make(float_dir)), _unpacked_by_bitsandbytes(
+        _repacked_as_on_avx512bf16(make(float_dir)))
+    torch.manual_seed(1)
+    ours = li.inject(repacked, targets=TARGETS, r=4, alpha=8)
+    torch.manual_seed(1)
+    li.inject(reference, targets=TARGETS, r=4, alpha=8)
+    layers = [m for m in ours.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)  # unadapted o_proj too
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    ours.eval()
+    with torch.no_grad():  # the forward that repacks on such CPUs: the layout stays the training one
+        ours(X)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    for model in (ours, reference):
+        model.train()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.fill_(0.05)
+        model(X).logits.square().mean().backward()
+    grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert len(grads) == 2 * 2 * len(TARGETS) and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    for name, param in reference.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(grads[name], param.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_a_repacked_4bit_weight_is_read_in_its_training_layout(float_dir):
+    model = _repacked_as_on_avx512bf16(BACKENDS["bnb_nf4_double_quant"](float_dir))
+    layer = model.model.layers[0].self_attn.q_proj
+    expected = li.quantized.dequantized_weight(
+        _unpacked_by_bitsandbytes(_repacked_as_on_avx512bf16(BACKENDS["bnb_nf4_double_quant"](float_dir)))
+        .model.layers[0].self_attn.q_proj
+    )
+    torch.testing.assert_close(li.quantized.dequantized_weight(layer), expected, atol=0, rtol=0)
+    assert not layer.weight.quant_state.packing_format_for_cpu and tuple(layer.weight.quant_state.shape) == (64, 64)
+
+
+def _lm_rows(n=8, length=6):
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": x, "labels": x} for x in torch.randint(0, 100, (n, length), generator=g)]
+
+
+@pytest.mark.parametrize("trainer", ["transformers", "adapter", "trl"])
+def test_qlora_trains_with_every_trainer(trainer, float_dir, tmp_path):
+    model = li.inject(BACKENDS["bnb_nf4_double_quant"](float_dir), targets=TARGETS, r=4)
+    before = {k: v.clone() for k, v in li.lora_state_dict(model).items()}
+    common = dict(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                  report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", bf16=False)
+    if trainer == "trl":
+        import datasets
+        from trl import SFTConfig
+
+        from lora_inject.trl import SFTTrainer
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+        from tiny_lm import tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
+        assert len(tokenizer) <= 100  # its ids fit the float model's vocabulary
+        rows = datasets.Dataset.from_list([{"input_ids": r["input_ids"].tolist()} for r in _lm_rows()])
+        SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=rows, processing_class=tokenizer).train()
+    else:
+        cls = t.Trainer if trainer == "transformers" else li.hf.AdapterTrainer
+        cls(model=model, args=t.TrainingArguments(**common), train_dataset=_lm_rows()).train()
+    after = li.lora_state_dict(model)
+    assert all(not torch.equal(before[k], after[k]) for k in before if ".lora_B." in k)
+
+
+def test_a_quantized_model_without_adapters_is_still_refused_by_trainer(float_dir, tmp_path):
+    li.inject(BACKENDS["bnb_nf4_double_quant"](float_dir), targets=TARGETS, r=4)  # the check is wrapped now
+    bare = BACKENDS["bnb_nf4_double_quant"](float_dir)
+    args = t.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1)
+    with pytest.raises(ValueError, match="purely quantized"):
+        t.Trainer(model=bare, args=args, train_dataset=_lm_rows())

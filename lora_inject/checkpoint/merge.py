@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from ..config import LoraConfig
 from ..errors import AdapterFileError, ConfigError, MergeError, preview
-from ..formats.adapter_io import read_adapter_config, read_adapter_tensors
+from ..formats.registry import read_adapter
 from ..layers.base import merge_dtype
 from ..targeting.matching import NameTarget
 from .stream import DTYPES, ShardReader, StreamWriter
@@ -360,11 +360,11 @@ def merge_checkpoint(
         raise ConfigError(f"{out} exists. Pass --force (force=True) to replace it.")
     if dtype is not None and dtype not in OUT_DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(OUT_DTYPES)}; got {dtype!r}.")
-    config = read_adapter_config(adapter)
-    tensors = read_adapter_tensors(adapter)
-    fan_in_fan_out = json.loads((adapter / "adapter_config.json").read_text()).get("fan_in_fan_out", False)
+    found = read_adapter(adapter)
+    config, tensors = found.config, found.tensors
+    fan_in_fan_out = found.notes.get("fan_in_fan_out", False)
     shards, index = _shards(base)
-    matched = _matched_edits(base, adapter, shards, config, tensors, fan_in_fan_out)
+    matched = _matched_edits(base, found.notes.get("peft_version"), shards, config, tensors, fan_in_fan_out)
     _check_tied(base, matched)
     _check_shapes(base, shards, matched)
     out_dtype = OUT_DTYPES.get(dtype) if dtype else None
@@ -387,7 +387,7 @@ def merge_checkpoint(
     return out
 
 
-def _matched_edits(base: Path, adapter: Path, shards: list[Shard], config: LoraConfig, tensors: dict,
+def _matched_edits(base: Path, peft_version: str | None, shards: list[Shard], config: LoraConfig, tensors: dict,
                    fan_in_fan_out: bool) -> dict[str, Edit]:
     """``{checkpoint key: Edit}``: module edits (:func:`plan_edits`) and parameter edits (``target_parameters``),
     in the model's names, moved onto the checkpoint's names where it was saved under transformers 4 names."""
@@ -396,7 +396,6 @@ def _matched_edits(base: Path, adapter: Path, shards: list[Shard], config: LoraC
         edits = plan_edits(config, tensors, fan_in_fan_out)
         if not _unmatched(edits, all_keys) or not (base / "config.json").is_file():
             return _match_keys(edits, all_keys)
-    from ..formats.adapter_io import read_peft_version
     from ..formats.expert_layout import is_legacy_layout
     from .parameters import model_on_meta, onto_saved_names, parameter_edits
 
@@ -408,7 +407,7 @@ def _matched_edits(base: Path, adapter: Path, shards: list[Shard], config: LoraC
     model_shapes = dict(shapes)
     if config.target_parameters and (base / "config.json").is_file():
         model_shapes.update({k: tuple(p.shape) for k, p in model_on_meta(str(base)).named_parameters()})
-    legacy = is_legacy_layout(read_peft_version(adapter))
+    legacy = is_legacy_layout(peft_version)
     edits, consumed = parameter_edits(base, config, tensors, model_shapes, Edit, legacy)
     edits = {**plan_edits(config, {k: v for k, v in tensors.items() if k not in consumed}, fan_in_fan_out), **edits}
     if _unmatched(edits, all_keys) and (base / "config.json").is_file():

@@ -18,6 +18,7 @@ import torch
 from ..config import LoraConfig
 from ..errors import MergeError
 from ..targeting.parameters import matches
+from .meta import build_on_meta
 
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 
@@ -25,8 +26,6 @@ A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 @functools.lru_cache(maxsize=1)
 def model_on_meta(base: str):
     """The checkpoint's model built on the meta device (no weights read), once per merge (the merge clears it)."""
-    from ..cli.commands import build_on_meta
-
     return build_on_meta(base)
 
 

@@ -16,6 +16,9 @@ import warnings
 
 import torch
 
+from ..layers.parameter import LoraParameter
+from .registry import Adapter, Dialect, register_dialect
+
 FIXED_IN = (0, 19, 1)
 
 
@@ -67,3 +70,15 @@ def current_layout(wrappers: dict, tensors: dict[str, torch.Tensor], peft_versio
             "layout.", stacklevel=4,
         )
     return converted
+
+
+def _to_current_layout(adapter: Adapter, wrappers: dict) -> Adapter:
+    """Factors converted from transformers-4 names are in the current layout already."""
+    parameters = {p: w for p, w in wrappers.items() if isinstance(w, LoraParameter)}
+    if not parameters or adapter.notes.get("renamed"):
+        return adapter
+    tensors = current_layout(parameters, adapter.tensors, adapter.notes.get("peft_version"), adapter.source)
+    return adapter.with_(tensors=tensors)
+
+
+register_dialect(Dialect("peft-0.19-experts", "layout", _to_current_layout))

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from ..config import LoraConfig
+from ..config import TASK_HEADS, LoraConfig, register_foreign_config
 from ..errors import AdapterFileError, ConfigError
 from ..layers import LoraConv1D, LoraLayer
 from ..layers.parameter import LoraParameter
@@ -101,10 +101,6 @@ _TASK_MAPPINGS = (
 )
 
 
-# PEFT's models for these tasks add their heads to modules_to_save and then require them in the file
-_TASK_HEADS = {
-    "SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",),
-}
 
 
 def infer_task_type(model: nn.Module, config: LoraConfig) -> str | None:
@@ -125,9 +121,9 @@ def infer_task_type(model: nn.Module, config: LoraConfig) -> str | None:
          if name == value or (isinstance(value, (tuple, list)) and name in value)),
         None,
     )
-    if task in _TASK_HEADS:
+    if task in TASK_HEADS:
         saved = [NameTarget(m) for m in config.modules_to_save or ()]
-        heads = [p for p, m, _ in logical_modules(model) if p.rsplit(".", 1)[-1] in _TASK_HEADS[task]]
+        heads = [p for p, m, _ in logical_modules(model) if p.rsplit(".", 1)[-1] in TASK_HEADS[task]]
         if not all(any(t.matches(p, None) for t in saved) for p in heads):
             return None
     return task
@@ -243,6 +239,13 @@ _PEFT_TO_OURS = {
     "lora_bias": "lora_bias", "trainable_token_indices": "trainable_tokens",
     "target_parameters": "target_parameters",
 }
+
+
+def is_peft_config(config: Any) -> bool:
+    return type(config).__module__.startswith("peft") and type(config).__name__ == "LoraConfig"
+
+
+register_foreign_config(is_peft_config, from_peft_config)
 
 
 def _exclude_from_peft(value: Any) -> Any:

@@ -34,6 +34,7 @@ from ..targeting.matching import NameTarget, select
 from ..targeting.parameters import matches
 from ..targeting.plan import logical_modules
 from .conversion_rules import Landing, rules_for
+from .registry import Adapter, Dialect, register_dialect
 
 _FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_magnitude_vector",
                     ".lora_embedding_A", ".lora_embedding_B")
@@ -277,3 +278,13 @@ def _parameter_targets(model: nn.Module, keys: list[str]) -> list[str]:
     names = sorted({".".join(k.split(".")[-2:]) for k in keys})
     selected = sorted(k for k, _ in model.named_parameters() if matches(k, names))
     return names if selected == keys else keys
+
+
+def _to_model_names(adapter: Adapter, model: nn.Module) -> Adapter:
+    config, tensors = convert_old_names(model, adapter.config, adapter.tensors, adapter.source)
+    if tensors is adapter.tensors and config is adapter.config:
+        return adapter
+    return adapter.with_(config=config, tensors=tensors, notes={**adapter.notes, "renamed": "transformers4"})
+
+
+register_dialect(Dialect("transformers4", "names", _to_model_names))

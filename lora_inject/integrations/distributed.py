@@ -18,8 +18,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import DistributedError
-from ..formats.adapter_io import adapter_tensors, checked_tensors_for_existing, write_adapter
+from ..formats.load import checked_tensors_for_existing
 from ..formats.peft_config import disk_key
+from ..formats.save import adapter_tensors, write_adapter
 from ..inject import _require_adapter, adapter_state
 from ..layers import LoraLayer, ModulesToSave
 from ..layers.linear import Factor

@@ -14,9 +14,11 @@ from safetensors import safe_open
 from torch import nn
 
 from ..errors import AdapterFileError, ConfigError
-from ..formats.adapter_io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter_config
 from ..formats.hub import adapter_folder, looks_like_a_path, missing_path_error
+from ..formats.load import load_adapter
+from ..formats.peft import CONFIG_NAME, WEIGHTS_NAME
 from ..formats.peft_config import PEFT_PREFIX
+from ..formats.registry import read_adapter_config
 from .hooks import track
 
 _TASK_CLASSES = {
@@ -230,16 +232,6 @@ def prepare_for_kbit_training(
     return model
 
 
-def untie_note(model: nn.Module) -> None:
-    """Record in a transformers config that input and output embeddings are no longer tied."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return
-    for cfg in (config, getattr(config, "text_config", None)):
-        if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
-            cfg.tie_word_embeddings = False
-
-
 def __getattr__(name: str):
     """``AdapterTrainer`` is defined on first use: transformers' Trainer needs accelerate installed."""
     if name == "AdapterTrainer":
@@ -249,4 +241,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lora_inject.hf' has no attribute {name!r}")
 
 
-__all__ = ["enable_gradient_checkpointing", "from_pretrained", "prepare_for_kbit_training", "untie_note"]
+__all__ = ["enable_gradient_checkpointing", "from_pretrained", "prepare_for_kbit_training"]

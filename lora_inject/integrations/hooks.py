@@ -5,6 +5,8 @@ from __future__ import annotations
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..inject import on_model_event
+
 _HOOKS_ATTR = "_lora_inject_hooks"
 
 
@@ -19,3 +21,6 @@ def remove_hooks(model: nn.Module) -> None:
         handle.remove()
     if hasattr(model, _HOOKS_ATTR):
         object.__delattr__(model, _HOOKS_ATTR)
+
+
+on_model_event("detached", remove_hooks)

@@ -9,8 +9,10 @@ import transformers
 from torch import nn
 
 from ..errors import ConfigError
-from ..formats.adapter_io import load_adapter_weights, save_adapter
-from ..inject import active_adapters
+from ..formats.load import load_adapter_weights
+from ..formats.peft import CONFIG_NAME
+from ..formats.save import save_adapter
+from ..inject import _STATE_ATTR, active_adapters
 
 
 class AdapterTrainer(transformers.Trainer):
@@ -43,3 +45,57 @@ class AdapterTrainer(transformers.Trainer):
 
     def _load_best_model(self) -> None:
         load_adapter_weights(self.model, self.state.best_model_checkpoint, adapter=self._adapter_name())
+
+
+def _checkpoint_adapters(model: nn.Module, folder: str) -> list[tuple[str, str]]:
+    """``(adapter, folder)`` for every adapter of ``model`` saved in the checkpoint ``folder`` the way the
+    injected model's ``save_pretrained`` writes them (``default`` at the top, the others in subfolders)."""
+    found = []
+    for name in getattr(model, _STATE_ATTR, {}):
+        path = folder if name == "default" else os.path.join(folder, name)
+        if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+            found.append((name, path))
+    return found
+
+
+def _adapter_checkpoint(trainer: transformers.Trainer, model: nn.Module | None, folder: str | None):
+    """The unwrapped model and its saved adapters when ``folder`` is an adapter-only checkpoint of a model
+    carrying lora_inject adapters; None for everything else (the Trainer's own loading applies)."""
+    if folder is None or os.path.isfile(os.path.join(folder, transformers.trainer.SAFE_WEIGHTS_NAME)):
+        return None
+    inner = trainer.accelerator.unwrap_model(model if model is not None else trainer.model)
+    saved = _checkpoint_adapters(inner, folder) if getattr(inner, _STATE_ATTR, None) else []
+    return (inner, saved) if saved else None
+
+
+def adapter_checkpoints_for_plain_trainer() -> None:
+    """Teach ``transformers.Trainer`` itself to resume from (``train(resume_from_checkpoint=...)``) and load the
+    best (``load_best_model_at_end``) adapter-only checkpoints, which an injected model's ``save_pretrained``
+    writes: without this it looks for full weights and fails, the second time after the whole run. Both methods
+    are wrapped once; any model or checkpoint that is not ours goes to the Trainer's own code."""
+    trainer_class = transformers.Trainer
+    if getattr(trainer_class._load_from_checkpoint, "reads_lora_inject", False):
+        return
+    load_checkpoint, load_best = trainer_class._load_from_checkpoint, trainer_class._load_best_model
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        found = _adapter_checkpoint(self, model, resume_from_checkpoint)
+        if found is None:
+            return load_checkpoint(self, resume_from_checkpoint, model)
+        inner, saved = found
+        for name, path in saved:
+            load_adapter_weights(inner, path, adapter=name)
+        return None
+
+    def _load_best_model(self) -> None:
+        found = _adapter_checkpoint(self, None, self.state.best_model_checkpoint)
+        if found is None:
+            return load_best(self)
+        inner, saved = found
+        for name, path in saved:
+            load_adapter_weights(inner, path, adapter=name)
+        return None
+
+    _load_from_checkpoint.reads_lora_inject = True
+    trainer_class._load_from_checkpoint = _load_from_checkpoint
+    trainer_class._load_best_model = _load_best_model

@@ -9,12 +9,14 @@
   adapter (PEFT's ``save_embedding_layers``), so the new rows reload exactly.
 
 Both are set on the instance by :func:`install` (the class stays the same) and removed when
-the last adapter goes. Nothing here imports transformers.
+the last adapter goes: model surgery calls them through the events this module registers
+(``lora_inject/__init__.py`` imports it). Nothing here imports transformers.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,18 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..formats.save import adapter_tensors, write_adapter
 from ..guards import check_not_sharded
-from ..inject import CARRIED_ATTR, _adapter_modules, _require_adapter, _set_submodule, adapter_configs, carried_paths
+from ..inject import (
+    _STATE_ATTR,
+    CARRIED_ATTR,
+    _adapter_modules,
+    _require_adapter,
+    _set_submodule,
+    adapter_configs,
+    carried_paths,
+    on_model_event,
+)
 from ..layers import ADAPTER_MODULES, LoraLayer, ModulesToSave
 
 
@@ -59,6 +71,57 @@ def uninstall(model: nn.Module) -> None:
         model.__dict__.pop(name, None)
 
 
+def untie_note(model: nn.Module) -> None:
+    """Record in a transformers config that input and output embeddings are no longer tied."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+
+
+def teach_trainer(model: nn.Module) -> None:
+    """Once ``transformers.trainer`` is imported (it takes 1.5 s, so never by us), its Trainer learns to read the
+    adapter-only checkpoints this model's ``save_pretrained`` writes (see integrations/trainer.py). Called when
+    an adapter is attached and again when a checkpoint is saved, which a Trainer always does before it
+    loads the best one."""
+    if is_transformers_model(model) and "transformers.trainer" in sys.modules:
+        from .trainer import adapter_checkpoints_for_plain_trainer
+
+        adapter_checkpoints_for_plain_trainer()
+
+
+def accept_quantized_training(model: nn.Module) -> None:
+    """Let transformers' ``Trainer`` (and every trainer built on it: ``AdapterTrainer``, TRL's) train a quantized
+    model that carries our adapters. Its check refuses "purely quantized models" unless PEFT's own marker is set;
+    the check is wrapped, once, to accept a model with trainable lora_inject adapters and to ask the original
+    about every other model. Only quantized models reach this (transformers is imported by then)."""
+    if not getattr(model, "is_quantized", False):
+        return
+    import transformers.trainer as trainer_module
+
+    original = trainer_module.validate_quantization_for_training
+    if getattr(original, "accepts_lora_inject", False):
+        return
+
+    def validate_quantization_for_training(candidate: nn.Module) -> None:
+        inner = getattr(candidate, "_orig_mod", candidate)
+        has_adapters = bool(getattr(inner, _STATE_ATTR, None)) and any(p.requires_grad for p in inner.parameters())
+        if not has_adapters:
+            original(candidate)
+
+    validate_quantization_for_training.accepts_lora_inject = True
+    trainer_module.validate_quantization_for_training = validate_quantization_for_training
+
+
+on_model_event("attached", install)
+on_model_event("attached", accept_quantized_training)
+on_model_event("attached", teach_trainer)
+on_model_event("detached", uninstall)
+on_model_event("untied", untie_note)
+
+
 def save_pretrained(
     self: nn.Module,
     save_directory: str | os.PathLike,
@@ -78,8 +141,6 @@ def save_pretrained(
     files are always one safetensors file. Reload with
     ``lora_inject.from_pretrained(folder)``, ``PeftModel.from_pretrained`` or ``AutoPeftModelFor...``.
     """
-    from ..formats.adapter_io import adapter_tensors, write_adapter
-
     names = list(selected_adapters) if selected_adapters else list(adapter_configs(self))
     for name in names:
         _require_adapter(self, name)
@@ -87,6 +148,7 @@ def save_pretrained(
         check_not_sharded(self, "save the adapter")
     embedding_layers = kwargs.pop("save_embedding_layers", "auto")
     as_lora = kwargs.pop("principal_as_lora", True)
+    teach_trainer(self)
     if is_main_process:
         for name in names:
             folder = Path(save_directory) if name == "default" else Path(save_directory) / name

@@ -21,7 +21,24 @@ from ..quantized.registry import quantized_kind
 from .dora import DoraEntry, Magnitude, norm_dtype, row_norms, squared_row_norms
 
 
-class LoraLayer(nn.Module):
+class StandsIn(nn.Module):
+    """A module standing in for ``base_layer``: attributes it lacks are the base layer's.
+
+    Code written for the plain module reads its attributes (``conv1d.kernel_size``, ``embed.padding_idx``,
+    ``num_embeddings``, ``in_features``); found here, they would otherwise raise on the wrapper. Only names
+    nn.Module cannot find reach this (parameters, buffers and submodules come first), private ones never.
+    """
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name in ("base_layer", "original_module", "token_adapter"):
+                raise
+            return getattr(self.base_layer, name)
+
+
+class LoraLayer(StandsIn):
     """Base class of all LoRA wrappers.
 
     ``forward(x) = base_layer(x) + sum over active, unmerged adapters of scale * B(A(dropout(x)))``.

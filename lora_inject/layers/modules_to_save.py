@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from ..errors import AdapterExistsError, AdapterNotFoundError
+from .base import StandsIn
 
 
-class ModulesToSave(nn.Module):
+class ModulesToSave(StandsIn):
     """Holds the untouched ``original_module`` and a trainable copy per adapter in ``modules_to_save``.
 
     Forward runs the active adapter's copy, or the original when none is active.

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterExistsError, AdapterNotFoundError, MergeError
-from .base import apply_keeping_float32, default_adapter_dtype
+from .base import StandsIn, apply_keeping_float32, default_adapter_dtype
 
 
 class TokenRows(nn.Module):
@@ -80,7 +80,7 @@ def row_kind(module: nn.Module):
     return next((ROW_KINDS[k] for k in type(module).__mro__ if k in ROW_KINDS), None)
 
 
-class TrainableTokens(nn.Module):
+class TrainableTokens(StandsIn):
     """Stands in for an Embedding (or a Linear head) whose rows for some token ids train.
 
     ``forward(x) = base_layer(x)`` with the rows of the running adapters' ids replaced by their

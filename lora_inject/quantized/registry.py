@@ -31,12 +31,35 @@ class QuantizedKind:
     refusal: str | None = None  # why LoRA cannot train on this base
     snapshot: Callable[[nn.Module], object] = lambda module: module.weight  # all a requantized merge replaces
     restore: Callable[[nn.Module, object], None] = lambda module, kept: setattr(module, "weight", kept)
+    # called on every layer of this kind in a model that gets adapters (adapted or not): keep it trainable
+    prepare: Callable[[nn.Module], None] | None = None
 
 
 # ----- bitsandbytes -------------------------------------------------------------------------
+def _bnb_4bit_training_layout(module: nn.Module) -> None:
+    """Keep a 4-bit weight in the layout that trains.
+
+    Since 0.48, on CPUs with AVX512-BF16 (``support_avx512bf16_for_cpu``), ``Linear4bit.forward`` repacks
+    its weight into an inference layout on the first eval forward whose input needs no grad: another
+    shape, absmax in bfloat16, and a kernel that passes no gradient back to the layer's input, so every
+    adapter upstream of the layer would silently stop learning. A model with adapters keeps the training
+    layout: the repacking is turned off, and undone where it already happened (the values stay those the
+    repacked layer computed with).
+    """
+    if getattr(module, "support_avx512bf16_for_cpu", False):
+        module.support_avx512bf16_for_cpu = False
+    weight = module.weight
+    state = getattr(weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+
+
 def _bnb_4bit_dequantize(module: nn.Module) -> torch.Tensor:
     import bitsandbytes as bnb
 
+    _bnb_4bit_training_layout(module)
     weight = module.weight
     return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
 
@@ -86,7 +109,8 @@ def _bnb_8bit_restore(module: nn.Module, kept: object) -> None:
 
 
 _BNB_KINDS = {
-    "Params4bit": QuantizedKind("bitsandbytes 4-bit", _bnb_4bit_dequantize, _bnb_4bit_shape, _bnb_4bit_requantize),
+    "Params4bit": QuantizedKind("bitsandbytes 4-bit", _bnb_4bit_dequantize, _bnb_4bit_shape, _bnb_4bit_requantize,
+                                prepare=_bnb_4bit_training_layout),
     "Int8Params": QuantizedKind("bitsandbytes 8-bit", _bnb_8bit_dequantize, requantize=_bnb_8bit_requantize,
                                 snapshot=_bnb_8bit_snapshot, restore=_bnb_8bit_restore),
 }
@@ -201,3 +225,11 @@ def logical_weight_shape(module: nn.Module) -> tuple[int, ...]:
     if isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int):
         return module.out_features, module.in_features
     return kind.logical_shape(module.weight)
+
+
+def prepare_quantized_layers(model: nn.Module) -> None:
+    """Run each quantized layer's ``prepare`` (see :class:`QuantizedKind`) over ``model``."""
+    for module in model.modules():
+        kind = quantized_kind(module)
+        if kind is not None and kind.prepare is not None:
+            kind.prepare(module)

@@ -17,8 +17,8 @@ from torch import nn
 
 from ..config import exact_config
 from ..errors import AdapterFileError, ConfigError
-from ..formats.adapter_io import read_adapter_config, read_adapter_tensors
 from ..formats.hub import adapter_folder
+from ..formats.registry import read_adapter
 from ..guards import unwrap
 from ..inject import _STATE_ATTR, _require_adapter, lora_layers
 from ..layers import LoraLayer
@@ -99,8 +99,8 @@ def hotswap_adapter(
         raise ConfigError(f"Adapter {adapter!r} was not prepared: call lora_inject.prepare_hotswap(model, max_rank) "
                           "before torch.compile, then swap.")
     folder = adapter_folder(directory, **hub_kwargs)
-    config = read_adapter_config(folder)
-    tensors = read_adapter_tensors(folder)
+    found = read_adapter(folder)
+    config, tensors = found.config, found.tensors
     if (config.dora or config.lora_bias or config.modules_to_save or config.trainable_tokens or config.bias != "none"
             or config.target_parameters):
         raise AdapterFileError(f"{folder}: hot swap writes plain LoRA factors; this adapter also has DoRA, biases, "

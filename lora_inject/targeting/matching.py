@@ -236,6 +236,18 @@ def _inside(path: str, containers: set[str]) -> bool:
     return any(".".join(parts[:i]) in containers for i in range(1, len(parts)))
 
 
+_REGEX_SIGNS = regex.compile(r"\.\*|\.\+|[\\^$|()\[\]{}?*+]")
+
+
+def _regex_hint(target: Target) -> str:
+    """A plain name that looks like a regular expression: plain names match literally."""
+    text = str(target)
+    if not isinstance(target, NameTarget) or not _REGEX_SIGNS.search(text):
+        return ""
+    return (f" (it looks like a regular expression, but plain names match literally: write "
+            f"{REGEX_PREFIX + text!r} to match it as one against whole paths)")
+
+
 def explain_misses(missed: list[Target], named_modules: Sequence[tuple[str, nn.Module]]) -> str:
     """For each target that matched nothing, the closest module names and the types present.
 
@@ -254,6 +266,6 @@ def explain_misses(missed: list[Target], named_modules: Sequence[tuple[str, nn.M
         close += difflib.get_close_matches(leaf, leaves, n=5, cutoff=0.5)
         close += difflib.get_close_matches(probe, paths, n=3, cutoff=0.6)
         hint = ", ".join(list(dict.fromkeys(close))[:8]) or "none"
-        lines.append(f"  - {str(target)!r} matched nothing; closest names: {hint}")
+        lines.append(f"  - {str(target)!r} matched nothing; closest names: {hint}{_regex_hint(target)}")
     lines.append(f"  module types present: {', '.join(types)}")
     return "\n".join(lines)

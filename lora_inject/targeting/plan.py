@@ -17,6 +17,7 @@ from ..layers import ADAPTER_MODULES, LoraLayer, wrap
 from ..layers.parameter import LoraParameter
 from ..layers.principal import is_principal_init
 from ..quantized.registry import logical_numel, logical_weight_shape, quantized_kind
+from .direct_reads import direct_read_reason
 from .matching import AllLinearTarget, NameTarget, explain_misses, parse_targets, select, with_head
 from .parameters import resolve_parameters
 from .tokens import TokenTarget, resolve_tokens
@@ -172,6 +173,7 @@ def resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_mus
         )
     if not chosen:
         raise TargetNotFoundError("The targets matched no module.\n" + explain_misses(missed, named))
+    chosen = _without_direct_reads(model, chosen, targets)
     planned, wrappers = [], {}
     for path, module in chosen:
         wrapper = existing.get(path) or wrap(path, module)
@@ -206,6 +208,27 @@ def resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_mus
     tokens = resolve_tokens(model, config, adapter, walked, set(wrappers), saves)
     misses = explain_misses(missed, named) if missed else ""
     return _with_parameters(Plan(planned, saves, model, wrappers, misses, tokens), walked, config, adapter)
+
+
+def _without_direct_reads(model: nn.Module, chosen: list, targets: list) -> list:
+    """``chosen`` less the modules whose weight is read without calling them (see direct_reads.py): refused when
+    a target names them, left out when only ``all-linear`` picked them."""
+    kept = []
+    for path, module in chosen:
+        reason = direct_read_reason(model, path, module)
+        if reason is None:
+            kept.append((path, module))
+        elif any(not isinstance(t, AllLinearTarget) and t.matches(path, module) for t in targets):
+            raise UnsupportedModuleError(
+                f"{path!r} cannot take LoRA: {reason}. An adapter there would be ignored until merged, or its merge "
+                "lost. Leave it out of the targets (all-linear leaves it out)."
+            )
+    if chosen and not kept:
+        raise TargetNotFoundError(
+            f"Every module the targets matched ({', '.join(p for p, _ in chosen[:5])}) has its weight read without "
+            "being called, so LoRA cannot sit there; see docs/targets.md."
+        )
+    return kept
 
 
 def _with_parameters(plan: Plan, walked, config: LoraConfig, adapter: str) -> Plan:

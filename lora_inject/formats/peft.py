@@ -1,0 +1,87 @@
+"""PEFT's adapter folder: ``adapter_model.safetensors`` (keys ``base_model.model.<module>.lora_A.weight``) and
+``adapter_config.json`` (PEFT's field names, translated in ``peft_config.py``). The default format: what PEFT,
+transformers, vLLM and this library's ``save_adapter`` read and write."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from torch import nn
+
+from ..config import LoraConfig
+from ..errors import AdapterFileError, preview
+from ..version import __version__
+from .folder import listing, read_legacy_bin, read_safetensors, safetensors_writer, text_writer, write_atomically
+from .hub import missing_path_error
+from .peft_config import PEFT_PREFIX, from_peft_dict, to_peft_dict
+from .registry import Adapter, AdapterFormat, register_format
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+CONFIG_NAME = "adapter_config.json"
+DESCRIPTION = f"a PEFT adapter folder ({CONFIG_NAME} + {WEIGHTS_NAME})"
+
+
+def claims(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG_NAME).is_file()
+
+
+def read_config_dict(directory: str | os.PathLike) -> dict:
+    """``adapter_config.json`` as a dict, PEFT's field names; refuses what is not a readable JSON object."""
+    path = Path(directory) / CONFIG_NAME
+    if not Path(directory).exists():
+        raise missing_path_error("adapter folder", directory)
+    if not path.is_file():
+        raise AdapterFileError(
+            f"No {CONFIG_NAME} in {str(directory)!r}: expected {DESCRIPTION}. "
+            f"Found: {preview(listing(directory)) or 'nothing'}."
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFileError(f"{path} is not valid JSON ({exc}). The file is damaged; re-save the adapter.") from None
+
+
+def read_config(directory: Path) -> LoraConfig:
+    return from_peft_dict(read_config_dict(directory), str(Path(directory) / CONFIG_NAME))
+
+
+def read_tensors(directory: str | os.PathLike) -> dict:
+    """The tensors of the folder, keys without the ``base_model.model.`` prefix (the canonical names).
+
+    Reads safetensors; an old ``adapter_model.bin`` only through ``torch.load(weights_only=True)``.
+    """
+    directory = Path(directory)
+    if (directory / WEIGHTS_NAME).is_file():
+        tensors = read_safetensors(directory / WEIGHTS_NAME)
+    elif (directory / LEGACY_WEIGHTS_NAME).is_file():
+        tensors = read_legacy_bin(directory / LEGACY_WEIGHTS_NAME)
+    else:
+        raise AdapterFileError(
+            f"No {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}) in {str(directory)!r}. "
+            f"Found: {preview(listing(directory)) or 'nothing'}."
+        )
+    return {key.removeprefix(PEFT_PREFIX): value for key, value in tensors.items()}
+
+
+def read(directory: Path) -> Adapter:
+    data = read_config_dict(directory)
+    config = from_peft_dict(data, str(Path(directory) / CONFIG_NAME))
+    notes = {"peft_version": data.get("peft_version"), "fan_in_fan_out": data.get("fan_in_fan_out", False)}
+    return Adapter(config, read_tensors(directory), str(directory), "peft", notes=notes)
+
+
+def write(adapter: Adapter, directory: Path, model: nn.Module) -> Path:
+    """Both files, atomically: an interrupted save leaves any previous adapter in the folder intact."""
+    peft_config = to_peft_dict(model, adapter.name, adapter.config)
+    tensors = {PEFT_PREFIX + key: value for key, value in adapter.tensors.items()}
+    metadata = {"format": "pt", "lora_inject_version": __version__}
+    return write_atomically(directory, {
+        WEIGHTS_NAME: safetensors_writer(tensors, metadata),
+        CONFIG_NAME: text_writer(json.dumps(peft_config, indent=2, sort_keys=True)),
+    })
+
+
+PEFT = register_format(AdapterFormat("peft", DESCRIPTION, claims, read_config, read_tensors, read, write))

@@ -1,0 +1,210 @@
+"""The seams with the rest of the stack: the states a model goes through (eval then train) and the neighbours
+that act on it. Each case was silently wrong once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+import lora_inject as li
+
+X = torch.tensor([[1, 5, 9, 30, 2], [7, 7, 64, 3, 90]])
+
+
+def _modes(model):
+    return {name: module.training for name, module in model.named_modules()}
+
+
+def _run_twice(model):
+    with torch.no_grad():
+        return model(X).logits, model(X).logits
+
+
+@pytest.mark.parametrize("how", ["inject", "load_adapter", "copy_adapter", "combine", "tokens", "modules_to_save"])
+def test_modules_added_to_an_eval_model_run_in_eval_mode(how, tmp_path):
+    torch.manual_seed(0)
+    trained = li.inject(tiny_llama(), targets=["q_proj", "v_proj"], r=4, dropout=0.5)
+    li.save_adapter(trained, tmp_path / "a")
+    model = tiny_llama()  # built in eval mode, as from_pretrained gives it
+    assert not any(_modes(model).values())
+    if how == "inject":
+        li.inject(model, targets=["q_proj", "v_proj"], r=4, dropout=0.5)
+    elif how == "load_adapter":
+        li.load_adapter(model, tmp_path / "a")
+    elif how == "copy_adapter":
+        li.load_adapter(model, tmp_path / "a")
+        li.copy_adapter(model, "default", "copy")
+        li.set_adapter(model, "copy")
+    elif how == "combine":
+        li.load_adapter(model, tmp_path / "a")
+        li.load_adapter(model, tmp_path / "a", adapter="b")
+        li.combine_adapters(model, {"default": 0.5, "b": 0.5}, "mix")
+        li.set_adapter(model, "mix")
+    elif how == "tokens":
+        li.inject(model, targets=["q_proj"], r=4, dropout=0.5, trainable_tokens=[3, 5])
+    else:
+        li.inject(model, targets=["q_proj"], r=4, dropout=0.5, modules_to_save=["lm_head"])
+    assert [name for name, training in _modes(model).items() if training] == []
+    first, second = _run_twice(model)
+    assert torch.equal(first, second)  # no dropout at inference
+
+
+def test_modules_added_to_a_training_model_train():
+    model = tiny_llama().train()
+    li.inject(model, targets=["q_proj"], r=4, dropout=0.5)
+    assert all(_modes(model).values())
+    model.eval()
+    li.inject(model, targets=["k_proj"], r=4, dropout=0.5, adapter="second")  # a second adapter, eval again
+    assert not any(_modes(model).values())
+
+
+def _classifier(kind):
+    import transformers as t
+
+    torch.manual_seed(0)
+    if kind == "SEQ_CLS":
+        return t.LlamaForSequenceClassification(t.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=100, num_labels=3, pad_token_id=0)).eval()
+    config = t.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                          vocab_size=100, max_position_embeddings=64, num_labels=3 if kind == "TOKEN_CLS" else 2)
+    cls = t.BertForTokenClassification if kind == "TOKEN_CLS" else t.BertForQuestionAnswering
+    return cls(config).eval()
+
+
+@pytest.mark.parametrize("task, head", [("SEQ_CLS", "score"), ("TOKEN_CLS", "classifier"),
+                                        ("QUESTION_ANS", "qa_outputs")])
+def test_peft_task_types_train_and_save_the_head_as_peft_does(task, head, tmp_path):
+    import peft
+
+    targets = ["q_proj", "v_proj"] if task == "SEQ_CLS" else ["query", "value"]
+    config = peft.LoraConfig(task_type=task, target_modules=targets, r=4)
+    ours = li.inject(_classifier(task), config)
+    assert isinstance(ours.get_submodule(head), li.ModulesToSave)
+    trainable = [n for n, p in ours.named_parameters() if p.requires_grad]
+    assert any(n.startswith(f"{head}.modules_to_save.default") for n in trainable)
+    theirs = peft.get_peft_model(_classifier(task), peft.LoraConfig(task_type=task, target_modules=targets, r=4))
+    assert sorted(n.removeprefix("base_model.model.") for n, p in theirs.named_parameters() if p.requires_grad) == \
+        sorted(trainable)
+    with torch.no_grad():
+        for param in ours.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    li.save_adapter(ours, tmp_path / "a")
+    assert head in li.read_adapter_config(tmp_path / "a").modules_to_save
+    back = peft.PeftModel.from_pretrained(_classifier(task), tmp_path / "a").eval()
+    x = torch.tensor([[1, 5, 9, 30, 2], [7, 7, 64, 3, 90]])
+    with torch.no_grad():
+        want = ours(input_ids=x, use_cache=False) if task == "SEQ_CLS" else ours(input_ids=x)
+        got = back(input_ids=x, use_cache=False) if task == "SEQ_CLS" else back(input_ids=x)
+    for key in ("logits", "start_logits", "end_logits"):
+        if key in want:
+            torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5)
+
+
+def test_merging_a_trained_copy_of_a_tied_embedding_unties_the_config(tmp_path):
+    import transformers as t
+
+    model = tiny_llama(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.warns(UserWarning, match="tied weights"):
+        li.inject(model, targets=["q_proj"], r=4, modules_to_save=["embed_tokens"])
+    with torch.no_grad():
+        model.model.embed_tokens.modules_to_save["default"].weight.add_(0.5)
+        want = model(X).logits
+    with pytest.warns(UserWarning, match="no longer shared"):
+        merged = li.merge_and_unload(model)
+    assert merged.config.tie_word_embeddings is False
+    merged.save_pretrained(tmp_path / "m")
+    again = t.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(X).logits, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(again(X).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_unload_keeps_a_tied_embedding_tied():
+    model = tiny_llama(tie_word_embeddings=True)
+    with pytest.warns(UserWarning, match="tied weights"):
+        li.inject(model, targets=["q_proj"], r=4, modules_to_save=["embed_tokens"])
+    plain = li.unload(model)
+    assert plain.lm_head.weight is plain.model.embed_tokens.weight and plain.config.tie_word_embeddings
+
+
+def test_a_regex_looking_target_without_the_prefix_gets_a_hint():
+    model = tiny_llama()
+    with pytest.raises(li.TargetNotFoundError, match="looks like a regular expression") as caught:
+        li.inject(model, targets=[r".*\.q_proj"])
+    assert "'re:.*" in str(caught.value)
+    assert not any(isinstance(m, li.LoraLayer) for m in model.modules())
+
+
+def test_the_base_model_name_known_at_save_time_is_written(tmp_path):
+    model = li.inject(tiny_llama(), targets=["q_proj"], r=4)
+    assert li.adapter_configs(model)["default"].base_model_name_or_path is None
+    model.name_or_path = "org/tiny-llama"  # e.g. set by save_pretrained/from_pretrained after inject
+    li.save_adapter(model, tmp_path / "a")
+    assert li.read_adapter_config(tmp_path / "a").base_model_name_or_path == "org/tiny-llama"
+
+
+def _mha_model():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+            self.layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+            self.fc = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(self.layer(self.attn(x, x, x)[0]))
+
+    return Block().eval()
+
+
+@pytest.mark.parametrize("target", ["attn.out_proj", "layer.linear1", "layer.self_attn.out_proj"])
+def test_modules_whose_weight_is_read_directly_are_refused_by_name(target):
+    model = _mha_model()
+    with pytest.raises(li.UnsupportedModuleError, match="cannot take LoRA") as caught:
+        li.inject(model, targets=[target], r=2)
+    assert "weight" in str(caught.value)
+    assert not any(isinstance(m, li.LoraLayer) for m in model.modules())
+
+
+def test_all_linear_leaves_out_modules_whose_weight_is_read_directly():
+    model = li.inject(_mha_model(), targets="all-linear", r=2)
+    wrapped = sorted(p for p, m in model.named_modules() if isinstance(m, li.LoraLayer))
+    assert wrapped == ["fc"]
+
+
+def test_a_parametrized_linear_is_refused():
+    model = torch.nn.Sequential(torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(4, 4)))
+    with pytest.raises(li.UnsupportedModuleError, match="parametrized"):
+        li.inject(model, targets=["0"], r=2)
+
+
+def test_mamba_dt_proj_and_conv1d_are_refused_and_all_linear_skips_dt_proj():
+    import transformers as t
+
+    config = t.MambaConfig(hidden_size=16, state_size=4, num_hidden_layers=1, vocab_size=50, expand=2,
+                           conv_kernel=4, time_step_rank=4)
+    for target in ("dt_proj", "conv1d"):
+        with pytest.raises(li.UnsupportedModuleError, match="Mamba"):
+            li.inject(t.MambaForCausalLM(config), targets=[target], r=2)
+    model = li.inject(t.MambaForCausalLM(config), targets="all-linear", r=2)
+    wrapped = {p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, li.LoraLayer)}
+    assert wrapped == {"in_proj", "x_proj", "out_proj"}
+
+
+def test_wrappers_answer_the_attributes_of_the_module_they_stand_in_for():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(4, 4, 3, stride=2, padding=1)
+            self.emb = torch.nn.Embedding(10, 4, padding_idx=0)
+            self.head = torch.nn.Linear(4, 3)
+
+    model = li.inject(Net(), targets=["conv", "emb"], r=2, modules_to_save=["head"])
+    assert (model.conv.kernel_size, model.conv.stride, model.conv.padding) == ((3,), (2,), (1,))
+    assert (model.emb.num_embeddings, model.emb.padding_idx, model.head.out_features) == (10, 0, 3)
+    with pytest.raises(AttributeError):
+        getattr(model.conv, "not_an_attribute")  # noqa: B009
