@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .errors import DistributedError
+from .errors import DistributedError, UnsupportedModuleError
 
 SHARDED_SAVE = (
     "On a sharded model call lora_inject.distributed.save_adapter(model, folder) on every rank (it gathers the "
@@ -54,8 +54,10 @@ def check_not_distributed(model: nn.Module, action: str) -> None:
     """Raise if ``model`` is already wrapped by DDP/FSDP or holds sharded (DTensor) parameters.
 
     Injecting after wrapping raises no error in torch but the new parameters are not
-    synchronised: ranks drift apart. Inject first, then wrap.
+    synchronised: ranks drift apart. Inject first, then wrap. Offloaded models are refused too (see
+    :func:`check_not_offloaded`).
     """
+    check_not_offloaded(model, action)
     for path, module in model.named_modules():
         kind = _wrapper_kind(module)
         if kind:
@@ -72,6 +74,32 @@ def check_not_distributed(model: nn.Module, action: str) -> None:
                 "(torch.distributed.checkpoint.state_dict.get_model_state_dict(..., full_state_dict=True)) "
                 "into an unsharded model, or inject before sharding."
             )
+
+
+def offloaded_modules(model: nn.Module) -> list[str]:
+    """Paths of the modules whose weights accelerate offloads (``device_map`` with ``"cpu"``/``"disk"`` entries,
+    ``cpu_offload``, ``disk_offload``): they sit on the meta device between calls, fetched by a hook."""
+    found = []
+    for path, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        hooks = getattr(hook, "hooks", (hook,)) if hook is not None else ()
+        if any(getattr(h, "offload", False) for h in hooks):
+            found.append(path)
+    return found
+
+
+def check_not_offloaded(model: nn.Module, action: str) -> None:
+    """Refuse a model whose weights accelerate offloads: adapters made there would be created on meta and a
+    merge would read meta weights; both used to go wrong without a word."""
+    offloaded = offloaded_modules(model)
+    if offloaded:
+        shown = ", ".join(repr(p or "<model>") for p in offloaded[:3])
+        raise UnsupportedModuleError(
+            f"Cannot {action}: {len(offloaded)} module(s) of this model are offloaded by accelerate ({shown}): their "
+            "weights live on the meta device between calls, so adapters would be created on meta and merges would "
+            "read nothing. Load the model without offloading (no 'cpu'/'disk' entries in device_map, no "
+            "cpu_offload), inject or load the adapter, then dispatch it; or merge on disk with `lora-inject merge`."
+        )
 
 
 def check_not_sharded(model: nn.Module, action: str, alternative: str = SHARDED_SAVE) -> None:

@@ -129,13 +129,16 @@ def inject(
     Everything is validated before the model changes: a bad target or an unsupported
     module type raises and leaves the model as it was. Afterwards only the new adapter's
     parameters (plus biases and ``modules_to_save`` as configured) require grad, and the
-    new adapter is the active one.
+    new adapter is the active one; a ``peft.LoraConfig(inference_mode=True)`` leaves it frozen, as in PEFT.
     """
     check_not_distributed(model, "inject adapters")
     check_adapter_name(adapter)
     inner = unwrap(model)
+    frozen = getattr(config, "inference_mode", False) is True  # PEFT's field; ours has no such field
     config = _config_from(inner, config, overrides)
     inject_resolved(inner, _resolve(inner, config, adapter), config, adapter)
+    if frozen:
+        inner.requires_grad_(False)
     return model
 
 

@@ -208,3 +208,44 @@ def test_wrappers_answer_the_attributes_of_the_module_they_stand_in_for():
     assert (model.emb.num_embeddings, model.emb.padding_idx, model.head.out_features) == (10, 0, 3)
     with pytest.raises(AttributeError):
         getattr(model.conv, "not_an_attribute")  # noqa: B009
+
+
+def test_a_model_offloaded_by_accelerate_is_refused_before_anything_changes():
+    from accelerate import cpu_offload
+
+    model = cpu_offload(tiny_llama(), execution_device=torch.device("cpu"))
+    with pytest.raises(li.UnsupportedModuleError, match="offloaded by accelerate"):
+        li.inject(model, targets=["q_proj"], r=4)
+    assert not any(isinstance(m, li.LoraLayer) for m in model.modules())
+
+
+def test_a_model_offloaded_after_inject_refuses_merge(tmp_path):
+    from accelerate import cpu_offload
+
+    model = li.inject(tiny_llama(), targets=["q_proj"], r=4)
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    for call in (li.merge, li.merge_and_unload, lambda m: li.load_adapter(m, tmp_path, adapter="b")):
+        with pytest.raises(li.UnsupportedModuleError, match="offloaded"):
+            call(model)
+
+
+def test_from_pretrained_with_a_disk_offload_device_map_is_refused(tmp_path):
+    import transformers as t
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    trained = li.inject(t.AutoModelForCausalLM.from_pretrained(tmp_path / "base"), targets=["q_proj"], r=4)
+    li.save_adapter(trained, tmp_path / "a")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    with pytest.raises(li.UnsupportedModuleError, match="offloaded by accelerate"):
+        li.from_pretrained(tmp_path / "base", tmp_path / "a", device_map=device_map,
+                           offload_folder=str(tmp_path / "offload"))
+
+
+def test_a_peft_config_in_inference_mode_gives_frozen_adapters():
+    import peft
+
+    model = li.inject(tiny_llama(), peft.LoraConfig(target_modules=["q_proj"], r=4, inference_mode=True))
+    assert li.trainable_parameters(model)[0] == 0
+    trained = li.inject(tiny_llama(), peft.LoraConfig(target_modules=["q_proj"], r=4))
+    assert li.trainable_parameters(trained)[0] > 0
