@@ -16,7 +16,7 @@ import torch
 
 from .errors import ConfigError
 from .layers.principal import is_principal_init
-from .targeting.matching import TargetSpec, first_pattern_match
+from .targeting.matching import TargetSpec, compile_pattern, first_pattern_match
 
 BiasMode = Literal["none", "all", "lora_only"]
 InitMode = Union[bool, Literal["kaiming", "gaussian"]]
@@ -92,6 +92,13 @@ class LoraConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for any value that cannot work."""
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if not (isinstance(value, Mapping) and all(isinstance(k, str) for k in value)):
+                raise ConfigError(f"{name} must map patterns (strings) to values; got {str(value)[:80]}.")
+        if not isinstance(self.rslora, bool):
+            raise ConfigError(f"rslora must be True or False; got {self.rslora!r}.")
+        _check_layers_pattern(self.layers_pattern)
         _check_rank("r", self.r)
         _check_alpha("alpha", self.alpha)
         for pattern, rank in self.rank_pattern.items():
@@ -219,9 +226,24 @@ def _init_with_field_check(init):
 LoraConfig.__init__ = _init_with_field_check(LoraConfig.__init__)
 
 
+# far above any rank in use (LoRA ranks are 4-512; the widest layers have ~50k features), far below one whose
+# factors could not be allocated: a config from a file cannot ask for terabytes
+MAX_RANK = 2**16
+
+
 def _check_rank(what: str, value: Any) -> None:
     if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-        raise ConfigError(f"{what} must be a positive int; got {value!r}.")
+        raise ConfigError(f"{what} must be a positive int; got {str(value)[:60]!r}.")
+    if value > MAX_RANK:
+        raise ConfigError(f"{what} is {value}, above any usable rank (at most {MAX_RANK}); the config is damaged.")
+
+
+def _check_layers_pattern(value: Any) -> None:
+    names = [value] if isinstance(value, str) else value
+    if value is not None and not (isinstance(names, Sequence) and all(isinstance(n, str) for n in names)):
+        raise ConfigError(f"layers_pattern must be a name (string) or a list of names; got {str(value)[:80]}.")
+    for name in names or ():
+        compile_pattern(rf"(?:^|.*?\.){name}\.(?P<idx>\d+)\.")  # raises ConfigError naming a bad pattern
 
 
 def _check_alpha(what: str, value: Any) -> None:

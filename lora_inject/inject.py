@@ -315,6 +315,22 @@ def using_adapter(model: nn.Module, names: str | Iterable[str] | None) -> Iterat
             module.set_active(names_before, trainable=False)
 
 
+@contextlib.contextmanager
+def restored_on_failure(model: nn.Module) -> Iterator[None]:
+    """If the block raises, put back which parameters required grad and which adapters were active: a failed
+    call leaves the model as it was (taking its own new adapter out is the block's job)."""
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    active = [(module, list(module.active_adapters)) for _, module in _adapter_modules(model)]
+    try:
+        yield
+    except BaseException:
+        for module, names in active:  # a wrapper the block took out again is no longer in the model: harmless
+            module.set_active([n for n in names if n in module.adapter_names], trainable=False)
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        raise
+
+
 def copy_adapter(model: nn.Module, source: str, target: str) -> nn.Module:
     """Add adapter ``target``, a frozen copy of adapter ``source`` (same layers, config and values); the
     active adapters stay as they were. For a reference policy in preference training, or a snapshot."""

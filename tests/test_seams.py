@@ -249,3 +249,61 @@ def test_a_peft_config_in_inference_mode_gives_frozen_adapters():
     assert li.trainable_parameters(model)[0] == 0
     trained = li.inject(tiny_llama(), peft.LoraConfig(target_modules=["q_proj"], r=4))
     assert li.trainable_parameters(trained)[0] > 0
+
+
+def test_a_load_that_fails_while_copying_leaves_the_model_as_it_was(tmp_path, monkeypatch):
+    import lora_inject.formats.load as load
+
+    model = li.inject(tiny_llama(), targets=["q_proj"], r=4)
+    li.save_adapter(model, tmp_path / "a")
+    li.inject(model, targets=["v_proj"], r=4, adapter="b")
+    li.set_adapter(model, "default")
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    real_copy, calls = torch.Tensor.copy_, []
+
+    def copy_failing_third(self, value, *args, **kwargs):  # two tensors written, then a failure
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("copy failed")
+        return real_copy(self, value, *args, **kwargs)
+
+    real = load._copy_in
+
+    def copy_then_fail(model_, tensors, targets, adapter):
+        monkeypatch.setattr(torch.Tensor, "copy_", copy_failing_third)
+        try:
+            real(model_, tensors, targets, adapter)
+        finally:
+            monkeypatch.setattr(torch.Tensor, "copy_", real_copy)
+        raise AssertionError("the copy should have failed")
+
+    monkeypatch.setattr(load, "_copy_in", copy_then_fail)
+    with pytest.raises(RuntimeError, match="copy failed"):
+        li.load_adapter(model, tmp_path / "a", adapter="c")
+    assert li.active_adapters(model) == ["default"]
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_load_adapter_weights_writes_all_or_nothing(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = li.inject(tiny_llama(), targets=["q_proj", "v_proj"], r=4)
+    li.save_adapter(model, tmp_path / "a")
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    last = sorted(tensors)[-1]
+    tensors[last] = tensors[last].to(torch.float8_e4m3fn)  # a dtype the model cannot take
+    save_file(tensors, file)
+    before = {k: v.clone() for k, v in li.lora_state_dict(model).items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    changed = {k: v.clone() for k, v in li.lora_state_dict(model).items()}
+    with pytest.raises(li.AdapterFileError, match="not floating point"):
+        li.load_adapter_weights(model, tmp_path / "a")
+    assert all(torch.equal(v, changed[k]) for k, v in li.lora_state_dict(model).items())
+    assert before.keys() == changed.keys()

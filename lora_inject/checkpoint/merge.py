@@ -24,7 +24,7 @@ from ..config import LoraConfig
 from ..errors import AdapterFileError, ConfigError, MergeError, preview
 from ..formats.registry import read_adapter
 from ..layers.base import merge_dtype
-from ..targeting.matching import NameTarget
+from ..targeting.matching import NameTarget, pattern_budget
 from .stream import DTYPES, ShardReader, StreamWriter
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -364,7 +364,8 @@ def merge_checkpoint(
     config, tensors = found.config, found.tensors
     fan_in_fan_out = found.notes.get("fan_in_fan_out", False)
     shards, index = _shards(base)
-    matched = _matched_edits(base, found.notes.get("peft_version"), shards, config, tensors, fan_in_fan_out)
+    with pattern_budget():
+        matched = _matched_edits(base, found.notes.get("peft_version"), shards, config, tensors, fan_in_fan_out)
     _check_tied(base, matched)
     _check_shapes(base, shards, matched)
     out_dtype = OUT_DTYPES.get(dtype) if dtype else None

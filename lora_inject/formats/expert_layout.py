@@ -17,7 +17,8 @@ import warnings
 import torch
 
 from ..layers.parameter import LoraParameter
-from .registry import Adapter, Dialect, register_dialect
+from .adapter import Adapter
+from .registry import Dialect, register_dialect
 
 FIXED_IN = (0, 19, 1)
 

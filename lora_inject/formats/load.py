@@ -25,6 +25,7 @@ from ..inject import (
     inject_resolved,
     lora_layers,
     require_new_adapter,
+    restored_on_failure,
 )
 from ..layers import ModulesToSave, TrainableTokens
 from ..layers.parameter import LoraParameter
@@ -272,33 +273,48 @@ def load_adapter(
     config, tensors = found.config, found.tensors
     required, optional = _expected(model, resolved, config)
     _check_tensors(model, tensors, required, optional, config, strict, found.source)
-    inject_resolved(model, resolved, config, adapter)
-    try:
-        _copy_in(model, tensors, {**optional, **required}, adapter)
-    except BaseException:
-        delete_adapter(model, adapter)
-        raise
+    with restored_on_failure(model):
+        inject_resolved(model, resolved, config, adapter)
+        try:
+            _copy_in(model, tensors, {**optional, **required}, adapter)
+        except BaseException:
+            delete_adapter(model, adapter)
+            raise
     return given
 
 
+def _destination(model: nn.Module, target: tuple, adapter: str) -> torch.Tensor:
+    kind = target[0]
+    if kind == "factor":
+        return target[1].factor(adapter, target[2])
+    if kind == "tokens":
+        return target[1].rows(adapter)
+    if kind == "save":
+        return model.get_submodule(target[1]).modules_to_save[adapter].state_dict(keep_vars=True)[target[2]]
+    return target[2] if kind == "carried" else target[1]
+
+
 def _copy_in(model: nn.Module, tensors: dict, targets: dict, adapter: str) -> None:
+    """Copy every tensor of the file into its place, all or nothing: each value is converted to its
+    destination's dtype and device first (a value that cannot be fails before any write), and a failure while
+    writing puts back what was written."""
+    writes = []
+    for key, (_, target) in targets.items():
+        if key in tensors:
+            param = _destination(model, target, adapter)
+            writes.append((param, tensors[key].to(device=param.device, dtype=param.dtype)))
+    kept = [param.detach().clone() for param, _ in writes]
     with torch.no_grad():
-        for key, (_, target) in targets.items():
-            if key not in tensors:
-                continue
-            kind = target[0]
-            if kind == "factor":
-                param = target[1].factor(adapter, target[2])
-            elif kind == "tokens":
-                param = target[1].rows(adapter)
-            elif kind == "save":
-                param = model.get_submodule(target[1]).modules_to_save[adapter].state_dict(keep_vars=True)[target[2]]
-            elif kind == "carried":  # a full base weight in the file travels on when the adapter is saved again
-                carried_paths(model).add(target[1])
-                param = target[2]
-            else:
-                param = target[1]
-            param.data.copy_(tensors[key])
+        try:
+            for param, value in writes:
+                param.data.copy_(value)
+        except BaseException:
+            for (param, _), old in zip(writes, kept):
+                param.data.copy_(old)
+            raise
+    for key, (_, target) in targets.items():
+        if key in tensors and target[0] == "carried":  # a full base weight in the file travels on when saved again
+            carried_paths(model).add(target[1])
 
 
 def load_adapter_weights(

@@ -13,10 +13,11 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import AdapterFileError, preview
 from ..version import __version__
+from .adapter import Adapter
 from .folder import listing, read_legacy_bin, read_safetensors, safetensors_writer, text_writer, write_atomically
 from .hub import missing_path_error
 from .peft_config import PEFT_PREFIX, from_peft_dict, to_peft_dict
-from .registry import Adapter, AdapterFormat, register_format
+from .registry import AdapterFormat, register_format
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -42,6 +43,9 @@ def read_config_dict(directory: str | os.PathLike) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterFileError(f"{path} is not valid JSON ({exc}). The file is damaged; re-save the adapter.") from None
+    except (RecursionError, ValueError) as exc:  # nested thousands deep; an integer of thousands of digits
+        raise AdapterFileError(f"{path} is JSON no adapter config can be ({type(exc).__name__}: {str(exc)[:120]}). "
+                               "The file is damaged or hostile; re-save the adapter.") from None
 
 
 def read_config(directory: Path) -> LoraConfig:

@@ -282,6 +282,52 @@ def _refuse_unimplemented(data: dict, source: str) -> None:
         )
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+# the JSON types each field read may have (None: the field's default); checked before any value is used, so
+# a string "false" never turns a flag on and a number never stands where names belong
+_FIELD_TYPES: dict[str, tuple[str, Any]] = {
+    "r": ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "lora_alpha": ("a number", _is_number),
+    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "use_dora": ("true or false", lambda v: isinstance(v, bool)),
+    "lora_bias": ("true or false", lambda v: isinstance(v, bool)),
+    "fan_in_fan_out": ("true or false", lambda v: isinstance(v, bool)),
+    "lora_dropout": ("a number", _is_number),
+    "bias": ("a string", lambda v: isinstance(v, str)),
+    "layers_pattern": ("a string or a list of strings", lambda v: isinstance(v, str) or _is_names(v)),
+    "layers_to_transform": ("an integer or a list of integers", lambda v: (isinstance(v, int) and not isinstance(
+        v, bool)) or (isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v))),
+    "rank_pattern": ("an object of {pattern: integer}", lambda v: isinstance(v, dict) and all(
+        isinstance(x, int) and not isinstance(x, bool) for x in v.values())),
+    "alpha_pattern": ("an object of {pattern: number}", lambda v: isinstance(v, dict) and all(
+        _is_number(x) for x in v.values())),
+    "modules_to_save": ("a list of module names", _is_names),
+    "target_parameters": ("a list of parameter names", _is_names),
+    "trainable_token_indices": ("a list of token ids or an object of {module: ids}", lambda v: isinstance(
+        v, (list, dict))),
+    "base_model_name_or_path": ("a string", lambda v: isinstance(v, str)),
+    "task_type": ("a string", lambda v: isinstance(v, str)),
+    "init_lora_weights": ("true, false or a string", lambda v: isinstance(v, (bool, str))),
+    "peft_version": ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def _check_field_types(data: dict, source: str) -> None:
+    wrong = [f"{name} is {data[name]!r} (expected {kind})" for name, (kind, ok) in _FIELD_TYPES.items()
+             if data.get(name) is not None and not ok(data[name])]
+    if wrong:
+        shown = "; ".join(w if len(w) < 200 else w[:200] + "...)" for w in wrong[:4])
+        raise AdapterFileError(f"{source}: fields of the wrong type: {shown}. The config is damaged or was written "
+                               "by hand; fix these fields or re-save the adapter.")
+
+
 def from_peft_dict(data: Any, source: str = "adapter_config.json") -> LoraConfig:
     """A :class:`LoraConfig` from PEFT's config fields; refuses what would load wrong."""
     if not isinstance(data, dict):
@@ -292,6 +338,7 @@ def from_peft_dict(data: Any, source: str = "adapter_config.json") -> LoraConfig
             f"{source}: peft_type is {peft_type!r}; lora_inject reads LoRA adapters only (peft_type 'LORA')."
         )
     _refuse_unimplemented(data, source)
+    _check_field_types(data, source)
     init = data.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         raise AdapterFileError(
@@ -313,15 +360,15 @@ def from_peft_dict(data: Any, source: str = "adapter_config.json") -> LoraConfig
             layers_pattern=data.get("layers_pattern") or None,
             rank_pattern=data.get("rank_pattern") or {},
             alpha_pattern=data.get("alpha_pattern") or {},
-            rslora=bool(data.get("use_rslora", False)),
+            rslora=data.get("use_rslora") or False,
             dropout=float(data.get("lora_dropout", 0.0) or 0.0),
             bias=data.get("bias", "none"),
             modules_to_save=data.get("modules_to_save") or None,
             init=init if init in (True, False, "gaussian") else True,
             base_model_name_or_path=data.get("base_model_name_or_path"),
             task_type=data.get("task_type"),
-            dora=bool(data.get("use_dora", False)),
-            lora_bias=bool(data.get("lora_bias", False)),
+            dora=data.get("use_dora") or False,
+            lora_bias=data.get("lora_bias") or False,
             trainable_tokens=data.get("trainable_token_indices") or None,
             target_parameters=parameters,
         )

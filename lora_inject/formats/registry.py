@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,29 +24,8 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import AdapterFileError, ConfigError, preview
-
-
-@dataclass
-class Adapter:
-    """An adapter in the library's canonical form, whatever file it came from or goes to.
-
-    ``tensors`` are named as the library names them in memory, less the adapter's name (given when the adapter
-    is loaded): ``<module>.lora_A.weight`` (r, in), ``<module>.lora_B.weight`` (out, r), ``<module>.lora_embedding_A``
-    (r, V), ``<module>.lora_embedding_B`` (D, r), ``<module>.lora_magnitude_vector`` (out,) for DoRA,
-    ``<module>.base_layer.bias``, ``<module>.token_adapter.trainable_tokens_delta`` (n ids, D), and full weights
-    of trained modules (``<module>.weight``). ``notes`` holds what a reader learnt beyond the config that a
-    dialect needs (PEFT's ``peft_version``); ``source`` names the file (or the model) for messages.
-    """
-
-    config: LoraConfig
-    tensors: dict[str, torch.Tensor]
-    source: str
-    format: str
-    name: str = "default"  # the adapter's name in the model it was taken from (writers) or goes into
-    notes: dict[str, Any] = field(default_factory=dict)
-
-    def with_(self, **changes: Any) -> Adapter:
-        return replace(self, **changes)
+from .adapter import Adapter
+from .validate import validate
 
 
 @dataclass(frozen=True)
@@ -123,8 +102,9 @@ def format_of(path: str | os.PathLike) -> AdapterFormat:
 
 
 def read_adapter(path: str | os.PathLike) -> Adapter:
-    """Read any registered format into the canonical form (no model needed; see :func:`convert`)."""
-    return format_of(path).read(Path(path))
+    """Read any registered format into the canonical form and validate it (``validate.py``): every reader of an
+    adapter goes through here. No model is needed; see :func:`convert` for what needs one."""
+    return validate(format_of(path).read(Path(path)))
 
 
 def convert(adapter: Adapter, stage: Stage, context: Any) -> Adapter:

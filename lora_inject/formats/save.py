@@ -21,9 +21,10 @@ from ..guards import check_not_sharded, unwrap
 from ..inject import _require_adapter, adapter_configs, adapter_state, carried_paths, lora_layers
 from ..layers import LoraLayer, ModulesToSave, TrainableTokens
 from ..layers.principal import is_principal_init
+from .adapter import Adapter
 from .load import embedding_modules
 from .peft_config import disk_key
-from .registry import Adapter, format_named
+from .registry import format_named
 
 
 def adapter_tensors(

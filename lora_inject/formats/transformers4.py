@@ -33,8 +33,9 @@ from ..quantized.registry import quantized_kind
 from ..targeting.matching import NameTarget, select
 from ..targeting.parameters import matches
 from ..targeting.plan import logical_modules
+from .adapter import Adapter
 from .conversion_rules import Landing, rules_for
-from .registry import Adapter, Dialect, register_dialect
+from .registry import Dialect, register_dialect
 
 _FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_magnitude_vector",
                     ".lora_embedding_A", ".lora_embedding_B")

@@ -19,6 +19,7 @@ from ..config import exact_config
 from ..errors import AdapterFileError, ConfigError
 from ..formats.hub import adapter_folder
 from ..formats.registry import read_adapter
+from ..formats.validate import unpaired
 from ..guards import unwrap
 from ..inject import _STATE_ATTR, _require_adapter, lora_layers
 from ..layers import LoraLayer
@@ -117,6 +118,10 @@ def hotswap_adapter(
 
 def _planned_writes(layers: dict, adapter: str, config, tensors: dict, max_rank: int, where: str) -> list:
     """Every (target params, new values) pair, computed and checked before any write."""
+    alone = unpaired(tensors)
+    if alone:
+        raise AdapterFileError(f"{where}: LoRA factors without their partner ({alone[:3]}); hot swap writes both "
+                               "factors of every layer. The file is incomplete; re-save the adapter.")
     others = sorted(k for k in tensors if ".lora_" not in k)
     if others:  # full weights (a resized vocabulary), biases: what a swap of factors would silently drop
         raise AdapterFileError(f"{where}: tensors that are not LoRA factors ({others[:3]}); hot swap writes factors "

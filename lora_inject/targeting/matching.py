@@ -15,9 +15,13 @@ Semantics (the same as PEFT's list form, so adapter configs mean the same thing)
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Union
 
@@ -33,21 +37,49 @@ REGEX_TIMEOUT_S = 0.5
 TargetSpec = Union[str, type, "re.Pattern[str]", "regex.Pattern"]
 
 
-def _compile(pattern: str, flags: int = 0) -> regex.Pattern:
+PATTERN_BUDGET_S = 2.0  # all the patterns of one call (inject, load) together: many slow ones add up
+_budget = threading.local()
+
+
+@functools.lru_cache(maxsize=4096)
+def compile_pattern(pattern: str, flags: int = 0) -> regex.Pattern:
     try:
         return regex.compile(pattern, flags)
-    except regex.error as exc:
-        raise ConfigError(f"Invalid regular expression {pattern!r}: {exc}.") from exc
+    except (regex.error, TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise ConfigError(f"Invalid regular expression {str(pattern)[:200]!r}: {exc}.") from None
+
+
+_compile = compile_pattern
+
+
+@contextlib.contextmanager
+def pattern_budget(seconds: float = PATTERN_BUDGET_S) -> Iterator[None]:
+    """Bound the time every pattern match inside the block takes together (nested blocks share the outer one)."""
+    if getattr(_budget, "deadline", None) is not None:
+        yield
+        return
+    _budget.deadline = time.monotonic() + seconds
+    try:
+        yield
+    finally:
+        _budget.deadline = None
 
 
 def _timed(call, pattern: str, path: str):
+    deadline = getattr(_budget, "deadline", None)
+    timeout = REGEX_TIMEOUT_S if deadline is None else min(REGEX_TIMEOUT_S, deadline - time.monotonic())
+    if timeout <= 0:
+        raise PatternTimeoutError(
+            f"The patterns of this config took over {PATTERN_BUDGET_S}s in all (the last: {str(pattern)[:80]!r}): "
+            "slow patterns add up. List module names instead of patterns, or simplify them."
+        )
     try:
-        return call(path, timeout=REGEX_TIMEOUT_S)
+        return call(path, timeout=timeout)
     except TimeoutError as exc:
         raise PatternTimeoutError(
-            f"The pattern {pattern!r} took over {REGEX_TIMEOUT_S}s to match {path!r}: it backtracks "
-            "catastrophically (nested quantifiers such as '(a+)+'). Rewrite it without nested "
-            "repetition, or list the module names instead."
+            f"The pattern {str(pattern)[:200]!r} took over {timeout:.2f}s to match {path!r}: it backtracks "
+            "catastrophically (nested quantifiers such as '(a+)+'), or the patterns of this call ran out of their "
+            f"{PATTERN_BUDGET_S}s together. Rewrite it without nested repetition, or list the module names instead."
         ) from exc
 
 
@@ -178,19 +210,68 @@ def layer_index(path: str, layers_pattern: str | Sequence[str] | None = None) ->
         names = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
         match = None
         for name in names:
-            match = regex.match(rf"(?:^|.*?\.){name}\.(?P<idx>\d+)\.", path)
+            match = _timed(compile_pattern(rf"(?:^|.*?\.){name}\.(?P<idx>\d+)\.").match, name, path)
             if match:
                 break
     return int(match.group("idx")) if match else None
 
 
+_REGEX_SYNTAX = frozenset("\\^$|?*+()[]{}")  # "." aside: module names are full of dots
+
+
+class _PatternTable:
+    """The keys of a rank/alpha pattern dict, ready to match paths with PEFT's rule ``(.*\\.)?(key)$``.
+
+    Most keys are module names (``"q_proj"``, ``"model.layers.3.mlp.down_proj"``): their only regex syntax is
+    ``.``, which matches any character. Such keys are grouped by length and dot positions; a path matches one when
+    its tail of that length, at a dot boundary, equals the key once the characters at the key's dots are read as
+    dots: a dictionary lookup per group instead of a regex per key. The other keys run as timed regexes.
+    """
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self.keys = keys
+        self.groups: dict[tuple[int, tuple[int, ...]], dict[str, int]] = {}
+        self.regexes = []
+        for index, key in enumerate(keys):
+            if _REGEX_SYNTAX & set(key) or not key:
+                self.regexes.append((index, key, compile_pattern(rf"(.*\.)?({key})$")))
+            else:
+                dots = tuple(i for i, c in enumerate(key) if c == ".")
+                self.groups.setdefault((len(key), dots), {}).setdefault(key, index)
+
+    def first_match(self, path: str) -> str | None:
+        found = len(self.keys)
+        for (length, dots), members in self.groups.items():
+            start = len(path) - length
+            if start < 0 or (start and path[start - 1] != "."):
+                continue
+            tail = path[start:]
+            if dots and any(tail[d] != "." for d in dots):
+                chars = list(tail)
+                for d in dots:
+                    chars[d] = "."
+                tail = "".join(chars)
+            index = members.get(tail)
+            if index is not None and index < found:
+                found = index
+        for index, key, compiled in self.regexes:
+            if index >= found:
+                break
+            if _timed(compiled.match, key, path):
+                return key
+        return None if found == len(self.keys) else self.keys[found]
+
+
+@functools.lru_cache(maxsize=64)
+def _table(keys: tuple[str, ...]) -> _PatternTable:
+    return _PatternTable(keys)
+
+
 def first_pattern_match(patterns: Mapping[str, object], path: str) -> str | None:
     """The first key of ``patterns`` that matches ``path`` as ``(.*\\.)?(key)$`` (PEFT's rule)."""
-    for key in patterns:
-        compiled = _compile(rf"(.*\.)?({key})$")
-        if _timed(compiled.match, key, path):
-            return key
-    return None
+    if not patterns:
+        return None
+    return _table(tuple(patterns)).first_match(path)
 
 
 def select(

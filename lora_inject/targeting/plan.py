@@ -18,7 +18,7 @@ from ..layers.parameter import LoraParameter
 from ..layers.principal import is_principal_init
 from ..quantized.registry import logical_numel, logical_weight_shape, quantized_kind
 from .direct_reads import direct_read_reason
-from .matching import AllLinearTarget, NameTarget, explain_misses, parse_targets, select, with_head
+from .matching import AllLinearTarget, NameTarget, explain_misses, parse_targets, pattern_budget, select, with_head
 from .parameters import resolve_parameters
 from .tokens import TokenTarget, resolve_tokens
 
@@ -139,6 +139,11 @@ def resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_mus
     With ``every_target_must_match`` a target that selects nothing is an error (a typo must not
     pass silently); adapter files and presets are read leniently, as PEFT does.
     """
+    with pattern_budget():  # every pattern of the config (targets, layers, rank/alpha patterns) in one bound
+        return _resolve(model, config, adapter, every_target_must_match)
+
+
+def _resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_must_match: bool) -> Plan:
     walked = list(logical_modules(model))
     named = [(path, module) for path, module, _ in walked]
     existing = {path: wrapper for path, _, wrapper in walked if wrapper is not None}
