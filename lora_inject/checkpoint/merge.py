@@ -24,7 +24,8 @@ from ..config import LoraConfig
 from ..errors import AdapterFileError, ConfigError, MergeError, preview
 from ..formats.registry import read_adapter
 from ..layers.base import merge_dtype
-from ..targeting.matching import NameTarget, pattern_budget
+from ..targeting.matching import NameTarget, is_hf_conv1d, pattern_budget
+from .parameters import model_on_meta, onto_saved_names, parameter_edits
 from .stream import DTYPES, ShardReader, StreamWriter
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -250,7 +251,9 @@ def _check_shapes(base: Path, shards: list[Shard], matched: dict[str, Edit]) -> 
     """Every edit against its stored tensor's shape, before anything is written.
 
     Linear-like weights whose shape cannot tell (square) follow the layout the other weights
-    showed (all GPT-2 projections are Conv1D), else the config's ``fan_in_fan_out``.
+    showed (all GPT-2 projections are Conv1D); else the checkpoint's architecture decides (transformers'
+    ``Conv1D`` stores its weight transposed, ``nn.Linear`` does not: PEFT ignores ``fan_in_fan_out`` on a Linear
+    too); only without a ``config.json`` does the adapter config's ``fan_in_fan_out`` decide.
     """
     square, decided = [], set()
     for shard in shards:
@@ -266,7 +269,7 @@ def _check_shapes(base: Path, shards: list[Shard], matched: dict[str, Edit]) -> 
                     if edit.fit(key, shape):
                         decided.add(edit.kind)
                     elif kind_before in ("linear", "transposed") and not edit.is_embedding:
-                        square.append(edit)
+                        square.append((key, edit))
                 elif edit.row_ids is not None:
                     _check_rows(key, edit, shape)
                 elif edit.addend is not None:
@@ -277,9 +280,17 @@ def _check_shapes(base: Path, shards: list[Shard], matched: dict[str, Edit]) -> 
                         f"{key}: the adapter replaces it with shape {tuple(edit.replacement.shape)}, "
                         f"the checkpoint stores {shape}."
                     )
+    if not square:
+        return
     if len(decided) == 1:
-        for edit in square:
+        for _, edit in square:
             edit.kind = next(iter(decided))
+    elif (base / "config.json").is_file():
+        modules = dict(model_on_meta(str(base)).named_modules())
+        for key, edit in square:
+            module = modules.get(key.rpartition(".")[0])
+            if module is not None:
+                edit.kind = "transposed" if is_hf_conv1d(module) else "linear"
 
 
 def _check_rows(key: str, edit: Edit, shape: tuple[int, ...]) -> None:
@@ -356,10 +367,13 @@ def merge_checkpoint(
     base, adapter, out = Path(base).resolve(), Path(adapter), Path(out).resolve()
     if out == base or base in out.parents or out in base.parents:
         raise ConfigError(f"OUT ({out}) must not be BASE ({base}), inside it, or contain it: BASE is never written.")
+    if out.parent.is_dir():
+        _clean_leftovers(out)  # a previous output hidden by a killed merge comes back before OUT is checked
     if out.exists() and not force:
         raise ConfigError(f"{out} exists. Pass --force (force=True) to replace it.")
     if dtype is not None and dtype not in OUT_DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(OUT_DTYPES)}; got {dtype!r}.")
+    model_on_meta.cache_clear()  # built at most once per merge, never kept from another one
     found = read_adapter(adapter)
     config, tensors = found.config, found.tensors
     fan_in_fan_out = found.notes.get("fan_in_fan_out", False)
@@ -371,6 +385,7 @@ def merge_checkpoint(
     out_dtype = OUT_DTYPES.get(dtype) if dtype else None
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    (staging / ".owner").write_text(str(os.getpid()))
     try:
         sizes = _write_shards(base, shards, matched, out_dtype, staging, progress)
         _copy_side_files(base, staging, dtype)
@@ -381,6 +396,7 @@ def merge_checkpoint(
             from .verify import verify_merge
 
             verify_merge(base, staging, matched, out_dtype)
+        (staging / ".owner").unlink()
         _swap_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -398,9 +414,6 @@ def _matched_edits(base: Path, peft_version: str | None, shards: list[Shard], co
         if not _unmatched(edits, all_keys) or not (base / "config.json").is_file():
             return _match_keys(edits, all_keys)
     from ..formats.expert_layout import is_legacy_layout
-    from .parameters import model_on_meta, onto_saved_names, parameter_edits
-
-    model_on_meta.cache_clear()  # built once per merge, never kept from another one
     shapes = {}
     for shard in shards:
         with safe_open(str(base / shard.name), "pt") as handle:
@@ -471,10 +484,48 @@ def _copy_side_files(base: Path, staging: Path, dtype: str | None) -> None:
 
 
 def _swap_into_place(staging: Path, out: Path) -> None:
+    """``staging`` becomes ``out``; a previous ``out`` is moved aside first and put back if the swap fails."""
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
-    os.replace(staging, out)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        if old is not None and not out.exists():
+            os.replace(old, out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _clean_leftovers(out: Path) -> None:
+    """What killed merges into ``out`` left behind: staging folders (``.<out>.partial-*``) of processes that no
+    longer run, and a previous output moved aside (``.<out>.old-<pid>``), which is put back when ``out`` is gone."""
+    for entry in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, owner = entry.name.removeprefix(f".{out.name}.").partition("-")
+        if kind == "old" and owner.isdigit() and not _running(int(owner)):
+            if not out.exists():
+                os.replace(entry, out)
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+        elif kind == "partial" and not _staging_in_use(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _staging_in_use(entry: Path) -> bool:
+    owner = entry / ".owner"
+    try:
+        return _running(int(owner.read_text()))
+    except (OSError, ValueError):
+        return False

@@ -3,7 +3,9 @@ anything), listing a folder for messages, and the atomic write of several files 
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,14 +26,16 @@ def listing(directory: str | os.PathLike) -> list[str]:
         return []
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, with_metadata: bool = False):
+    """``{name: tensor}`` of a safetensors file (and its metadata dict with ``with_metadata``)."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            return (tensors, handle.metadata() or {}) if with_metadata else tensors
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, NotImplementedError) as exc:
         raise AdapterFileError(
-            f"{path} is not a readable safetensors file ({exc}). It is truncated or corrupt; re-save or "
-            "re-download the adapter."
+            f"{path} is not a readable safetensors file ({type(exc).__name__}: {str(exc)[:200]}). It is truncated "
+            "or corrupt; re-save or re-download the adapter."
         ) from None
 
 
@@ -58,9 +62,111 @@ def text_writer(text: str) -> Callable[[str], object]:
 
 
 def write_atomically(directory: str | os.PathLike, files: Mapping[str, Callable[[str], object]]) -> Path:
-    """Write ``{file name: writer(temporary path)}`` into ``directory``: every file to a temporary name first
-    (fsynced), then each renamed into place. A failure while writing leaves the folder as it was."""
+    """Write ``{file name: writer(temporary path)}`` into ``directory``, all files at once.
+
+    The new folder is built beside the old one (the files written and fsynced, whatever else the old folder
+    holds hard-linked in) and swapped in by renames of whole folders: a reader sees the old files or the new
+    ones, never new weights with an old config. A failure while writing leaves the folder as it was; a crash in
+    the instant between the two renames leaves no folder (an error on load, never a wrong adapter) and the
+    previous one beside it as ``.<name>.old-<pid>``, put back by the next save. Where a folder cannot be swapped
+    (the working directory, a symlink, another file system), the files are renamed into place one by one.
+    """
     directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    _put_back_leftovers(directory)
+    if _swappable(directory):
+        return _swap_folder(directory, files)
+    return _rename_files(directory, files)
+
+
+def _swappable(directory: Path) -> bool:
+    if directory.is_symlink():
+        return False
+    resolved, cwd = directory.resolve(), Path.cwd().resolve()
+    return resolved != cwd and resolved not in cwd.parents
+
+
+def _swap_folder(directory: Path, files: Mapping[str, Callable[[str], object]]) -> Path:
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-{os.getpid()}-", dir=directory.parent))
+    try:
+        if directory.is_dir():
+            _link_tree(directory, staging, skip=set(files))
+        for name, write in files.items():
+            write(str(staging / name))
+            _fsync(staging / name)
+        _fsync(staging)
+        if not directory.exists():
+            os.rename(staging, directory)
+            return directory
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.rename(directory, old)
+        try:
+            os.rename(staging, directory)
+        except BaseException:
+            os.rename(old, directory)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return directory
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        return _rename_files(directory, files)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _link_tree(source: Path, target: Path, skip: set[str]) -> None:
+    """Everything in ``source`` but ``skip`` (top level), into ``target``: hard links where the file system allows,
+    copies elsewhere."""
+    for entry in source.iterdir():
+        if entry.name in skip or entry.name.startswith((".tmp", f".{source.name}.")):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, target / entry.name, copy_function=_link_or_copy, symlinks=True)
+        else:
+            _link_or_copy(str(entry), str(target / entry.name))
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, target, follow_symlinks=False)
+
+
+def _put_back_leftovers(directory: Path) -> None:
+    """A previous save killed between its two renames left no folder and the old one as ``.<name>.old-<pid>``:
+    put it back; staging folders of dead saves are removed."""
+    for entry in directory.parent.glob(f".{directory.name}.*-*"):
+        kind, _, owner = entry.name.removeprefix(f".{directory.name}.").partition("-")
+        if kind == "old" and owner.isdigit() and not _alive(int(owner)):
+            if not directory.exists():
+                os.rename(entry, directory)
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+        elif kind == "saving" and owner.partition("-")[0].isdigit() and not _alive(int(owner.partition("-")[0])):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rename_files(directory: Path, files: Mapping[str, Callable[[str], object]]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     written: dict[str, str] = {}
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 from torch import nn
@@ -29,8 +30,7 @@ def claims(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG_NAME).is_file()
 
 
-def read_config_dict(directory: str | os.PathLike) -> dict:
-    """``adapter_config.json`` as a dict, PEFT's field names; refuses what is not a readable JSON object."""
+def _config_bytes(directory: str | os.PathLike) -> bytes:
     path = Path(directory) / CONFIG_NAME
     if not Path(directory).exists():
         raise missing_path_error("adapter folder", directory)
@@ -39,8 +39,15 @@ def read_config_dict(directory: str | os.PathLike) -> dict:
             f"No {CONFIG_NAME} in {str(directory)!r}: expected {DESCRIPTION}. "
             f"Found: {preview(listing(directory)) or 'nothing'}."
         )
+    return path.read_bytes()
+
+
+def read_config_dict(directory: str | os.PathLike, raw: bytes | None = None) -> dict:
+    """``adapter_config.json`` as a dict, PEFT's field names; refuses what is not a readable JSON object."""
+    path = Path(directory) / CONFIG_NAME
+    raw = _config_bytes(directory) if raw is None else raw
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterFileError(f"{path} is not valid JSON ({exc}). The file is damaged; re-save the adapter.") from None
     except (RecursionError, ValueError) as exc:  # nested thousands deep; an integer of thousands of digits
@@ -57,34 +64,53 @@ def read_tensors(directory: str | os.PathLike) -> dict:
 
     Reads safetensors; an old ``adapter_model.bin`` only through ``torch.load(weights_only=True)``.
     """
-    directory = Path(directory)
+    return _tensors_and_metadata(Path(directory))[0]
+
+
+def _tensors_and_metadata(directory: Path) -> tuple[dict, dict]:
     if (directory / WEIGHTS_NAME).is_file():
-        tensors = read_safetensors(directory / WEIGHTS_NAME)
+        tensors, metadata = read_safetensors(directory / WEIGHTS_NAME, with_metadata=True)
     elif (directory / LEGACY_WEIGHTS_NAME).is_file():
-        tensors = read_legacy_bin(directory / LEGACY_WEIGHTS_NAME)
+        tensors, metadata = read_legacy_bin(directory / LEGACY_WEIGHTS_NAME), {}
     else:
         raise AdapterFileError(
             f"No {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}) in {str(directory)!r}. "
             f"Found: {preview(listing(directory)) or 'nothing'}."
         )
-    return {key.removeprefix(PEFT_PREFIX): value for key, value in tensors.items()}
+    return _without_prefix(tensors, directory), metadata
+
+
+def _without_prefix(tensors: dict, directory: Path) -> dict:
+    """PEFT's keys less ``base_model.model.``; a key present both with and without the prefix takes the prefixed
+    copy, as PEFT does (it reads prefixed keys), and says so."""
+    out = {key: value for key, value in tensors.items() if not key.startswith(PEFT_PREFIX)}
+    both = [key for key in tensors if key.startswith(PEFT_PREFIX) and key.removeprefix(PEFT_PREFIX) in out]
+    out.update({key.removeprefix(PEFT_PREFIX): value for key, value in tensors.items() if key.startswith(PEFT_PREFIX)})
+    if both:
+        warnings.warn(f"{directory}: {len(both)} tensor(s) are stored both with and without the "
+                      f"'{PEFT_PREFIX}' prefix ({both[0]!r}, ...); the prefixed copies are used, as PEFT does.",
+                      stacklevel=4)
+    return out
 
 
 def read(directory: Path) -> Adapter:
-    data = read_config_dict(directory)
+    raw = _config_bytes(directory)
+    data = read_config_dict(directory, raw)
     config = from_peft_dict(data, str(Path(directory) / CONFIG_NAME))
+    tensors, _ = _tensors_and_metadata(Path(directory))
     notes = {"peft_version": data.get("peft_version"), "fan_in_fan_out": data.get("fan_in_fan_out", False)}
-    return Adapter(config, read_tensors(directory), str(directory), "peft", notes=notes)
+    return Adapter(config, tensors, str(directory), "peft", notes=notes)
 
 
 def write(adapter: Adapter, directory: Path, model: nn.Module) -> Path:
-    """Both files, atomically: an interrupted save leaves any previous adapter in the folder intact."""
+    """Both files at once (``folder.write_atomically``): an interrupted save leaves the previous adapter, whole."""
     peft_config = to_peft_dict(model, adapter.name, adapter.config)
     tensors = {PEFT_PREFIX + key: value for key, value in adapter.tensors.items()}
+    config_text = json.dumps(peft_config, indent=2, sort_keys=True)
     metadata = {"format": "pt", "lora_inject_version": __version__}
     return write_atomically(directory, {
         WEIGHTS_NAME: safetensors_writer(tensors, metadata),
-        CONFIG_NAME: text_writer(json.dumps(peft_config, indent=2, sort_keys=True)),
+        CONFIG_NAME: text_writer(config_text),
     })
 
 

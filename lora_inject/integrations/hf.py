@@ -160,7 +160,19 @@ def _fit_trainable_tokens(model: nn.Module, adapter: str | os.PathLike) -> None:
     before = weight.shape[0]
     if ids[-1] < before:
         return
-    rows = max(ids[-1] + 1, _tokenizer_length(adapter))
+    tokenizer = _tokenizer_length(adapter)
+    # the new rows the ids can account for: the tokenizer saved beside the adapter, else one row per trained id
+    # (a vocabulary grown by k tokens, all k trained); checked before anything is allocated
+    limit = tokenizer if tokenizer else before + len(ids)
+    if ids[-1] >= limit:
+        raise AdapterFileError(
+            f"{adapter}: trainable_token_indices go up to {ids[-1]}, but the model has {before} tokens and "
+            + (f"the tokenizer saved beside the adapter {tokenizer}" if tokenizer else
+               f"the adapter trains {len(ids)} ids, so at most {limit} rows could be meant")
+            + ". The ids do not fit this model; save the tokenizer beside the adapter if its vocabulary grew, "
+            "or load the adapter into the model it was trained on."
+        )
+    rows = max(ids[-1] + 1, tokenizer)
     model.resize_token_embeddings(rows, mean_resizing=False)
     fresh = sorted(set(range(before, rows)) - set(ids))
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
