@@ -72,6 +72,8 @@ def write_atomically(directory: str | os.PathLike, files: Mapping[str, Callable[
     (the working directory, a symlink, another file system), the files are renamed into place one by one.
     """
     directory = Path(directory)
+    if directory.parent.exists() and not directory.parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(directory.parent))
     directory.parent.mkdir(parents=True, exist_ok=True)
     _put_back_leftovers(directory)
     if _swappable(directory):

@@ -6,6 +6,7 @@ magnitudes) before the model changes, and a failure while copying takes the new 
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Any
@@ -333,6 +334,28 @@ def load_adapter_weights(
     return given
 
 
+def _check_same_math(model: nn.Module, adapter: str, config: LoraConfig, found) -> None:
+    """The file's config must describe the adapter as injected: the factors are copied in and the model's own
+    scales apply, so a file saved with other scales (alpha, rsLoRA, patterns) or another variant would load
+    silently as something else."""
+    problems = []
+    for name in ("dora", "lora_bias"):
+        if getattr(found.config, name) != getattr(config, name):
+            problems.append(f"{name}: file {getattr(found.config, name)}, injected {getattr(config, name)}")
+    for path, module in lora_layers(model):
+        if adapter in module.r and not math.isclose(found.config.scale_for(path), module.scaling[adapter],
+                                                    rel_tol=1e-6):
+            problems.append(f"{path} scale: file {found.config.scale_for(path):g}, injected "
+                            f"{module.scaling[adapter]:g}")
+            break
+    if problems:
+        raise AdapterFileError(
+            f"{found.source}: its config does not describe adapter {adapter!r} as injected ({'; '.join(problems)}). "
+            "load_adapter_weights copies factors into the adapter as it is; load this file as a new adapter with "
+            "load_adapter instead."
+        )
+
+
 def checked_tensors_for_existing(model: nn.Module, directory: str | os.PathLike, adapter: str, strict: bool):
     """Read an adapter folder and check it against adapter ``adapter`` as injected in ``model``.
 
@@ -341,6 +364,7 @@ def checked_tensors_for_existing(model: nn.Module, directory: str | os.PathLike,
     _require_adapter(model, adapter)
     config = adapter_configs(model)[adapter]
     found = read_adapter(directory)
+    _check_same_math(model, adapter, config, found)
     tensors = _principal_from_lora(model, adapter, found.tensors, found.source)
     resolved = Plan([], [], None, {})
     for path, module in lora_layers(model):

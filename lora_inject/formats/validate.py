@@ -29,6 +29,12 @@ def validate(adapter: Adapter) -> Adapter:
             "float16, bfloat16, float32 or float64; re-save the adapter from the model that trained it."
         )
     _check_pairs(tensors, where)
+    stray = [k for k in tensors if k.endswith(MAGNITUDE)] if not adapter.config.dora else []
+    if stray:
+        raise AdapterFileError(
+            f"{where}: DoRA magnitudes ({preview(stray)}) in an adapter whose config says use_dora=false. Part of "
+            "what the adapter computes or not? The file and its config disagree; fix use_dora or re-save it."
+        )
     if adapter.config.dora:
         factors = {k.removesuffix(a) for k in tensors for a, _ in PAIRS[:1] if k.endswith(a)}
         lost = sorted(p for p in factors if p + MAGNITUDE not in tensors)

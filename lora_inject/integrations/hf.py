@@ -161,14 +161,14 @@ def _fit_trainable_tokens(model: nn.Module, adapter: str | os.PathLike) -> None:
     if ids[-1] < before:
         return
     tokenizer = _tokenizer_length(adapter)
-    # the new rows the ids can account for: the tokenizer saved beside the adapter, else one row per trained id
-    # (a vocabulary grown by k tokens, all k trained); checked before anything is allocated
-    limit = tokenizer if tokenizer else before + len(ids)
+    # the rows the ids may ask for: the tokenizer saved beside the adapter, else at most twice the vocabulary (no
+    # tokenizer grows by that much; an id of 2**20 would allocate gigabytes); checked before anything is allocated
+    limit = tokenizer if tokenizer else 2 * before + len(ids)
     if ids[-1] >= limit:
         raise AdapterFileError(
             f"{adapter}: trainable_token_indices go up to {ids[-1]}, but the model has {before} tokens and "
             + (f"the tokenizer saved beside the adapter {tokenizer}" if tokenizer else
-               f"the adapter trains {len(ids)} ids, so at most {limit} rows could be meant")
+               "no tokenizer is saved beside the adapter to say the vocabulary grew that much")
             + ". The ids do not fit this model; save the tokenizer beside the adapter if its vocabulary grew, "
             "or load the adapter into the model it was trained on."
         )
