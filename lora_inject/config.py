@@ -1,7 +1,7 @@
 """`LoraConfig`: what to adapt and how, with validation.
 
 Field names are short and Pythonic (``alpha``, ``targets``, ``rslora``); the
-translation to and from PEFT's ``adapter_config.json`` lives in :mod:`lora_inject.peft_format`.
+translation to and from PEFT's ``adapter_config.json`` lives in :mod:`lora_inject.formats.peft_config`.
 """
 
 from __future__ import annotations

@@ -334,3 +334,14 @@ def test_leftovers_of_killed_merges_are_cleaned_on_the_next_merge(base_dir, tmp_
     assert stale.exists() and hidden.exists()
     assert _merge(base_dir, tmp_path / "a", tmp_path / "out") != 0  # the hidden output came back first
     assert (tmp_path / "out" / "config.json").read_text() == "{}" and not stale.exists()
+
+
+def test_missing_factors_that_would_outweigh_the_model_are_refused(base_dir, tmp_path):
+    _adapter(base_dir, tmp_path / "a")
+    _edit_config(tmp_path / "a", r=2**16, rank_pattern={})
+    _edit_tensors(tmp_path / "a", lambda t: t.clear())
+    model = _fresh(base_dir)
+    before = _state(model)
+    with pytest.raises(li.AdapterFileError, match="more than the"):
+        li.load_adapter(model, tmp_path / "a", strict=False)
+    _unchanged(model, before)

@@ -34,7 +34,7 @@ def parameter_edits(base: Path, config: LoraConfig, tensors: dict[str, torch.Ten
     """``({checkpoint key: Edit}, adapter keys consumed)`` for the parameter adapters in ``tensors``.
 
     ``shapes`` holds every checkpoint key's shape; ``legacy``: the file may use PEFT <= 0.19.0's layout
-    (see moe_layout.py), which decides square experts. Module LoRA keys are left for the module path.
+    (see formats/expert_layout.py), which decides square experts. Module LoRA keys are left for the module path.
     """
     names = list(config.target_parameters or ())
     if not names:

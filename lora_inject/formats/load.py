@@ -170,6 +170,7 @@ def _check_tensors(
             "another model."
         )
     _check_magnitudes(tensors, missing, where)
+    _check_size(model, {k: required[k][0] for k in missing}, where)
     if mismatched:
         hint = _vocabulary_hint(model, tensors, known) or _rank_hint(tensors, required, config)
         raise AdapterFileError(f"{where}: shape mismatch: {preview(mismatched, 3)}.{hint}")
@@ -186,6 +187,18 @@ def _check_tensors(
         )
     if problems:
         warnings.warn(f"{where}: " + "; ".join(problems) + ".", stacklevel=3)
+
+
+def _check_size(model: nn.Module, missing: dict[str, tuple], where: str) -> None:
+    """Factors the file lacks start at their init (``strict=False``), allocated from the config's ranks: refuse
+    a config that would allocate more than the whole model holds (a damaged rank, not an adapter)."""
+    wanted = sum(math.prod(shape) for shape in missing.values())
+    held = sum(p.numel() for p in model.parameters())
+    if wanted > max(held, 1):
+        raise AdapterFileError(
+            f"{where}: the config's ranks ask for {wanted:,} adapter values the file does not hold, more than the "
+            f"{held:,} of the whole model. The ranks are damaged; fix r/rank_pattern or re-save the adapter."
+        )
 
 
 def _closest(path: str, known: set[str]) -> str:

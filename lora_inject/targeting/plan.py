@@ -81,7 +81,7 @@ class Plan:
     model: nn.Module | None
     wrappers: dict[str, LoraLayer]  # path -> wrapper (existing, or new and not yet attached)
     near_misses: str = ""  # for targets that matched nothing (lenient resolution only)
-    tokens: list[TokenTarget] = field(default_factory=list)  # trainable token rows, see tokens_plan.py
+    tokens: list[TokenTarget] = field(default_factory=list)  # trainable token rows, see targeting/tokens.py
 
     @property
     def model_params(self) -> int:
