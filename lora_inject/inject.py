@@ -78,6 +78,8 @@ def with_task_heads(model: nn.Module, config: LoraConfig) -> LoraConfig:
     ``score``, ``qa_outputs``) is trained in full and saved with the adapter (``modules_to_save``), as PEFT's
     task models do; otherwise it would stay at its random init and PEFT could not load the file."""
     heads = TASK_HEADS.get(config.task_type or "", ())
+    if not heads:
+        return config
     saved = list(config.modules_to_save or ())
     present = {path.rsplit(".", 1)[-1] for path, _ in model.named_modules()}
     added = [h for h in heads if h in present and h not in saved]
@@ -166,6 +168,8 @@ def _inherit_training_flag(modules: Iterable[nn.Module]) -> None:
     does not run dropout at inference (nn.Module starts every new module in training mode)."""
     for module in modules:
         base = module.base_layer
+        if base.training and module.training:
+            continue  # new modules start in training mode: nothing differs
         module.training = base.training
         for child in module.children():
             if child is not base:

@@ -229,6 +229,9 @@ def logical_weight_shape(module: nn.Module) -> tuple[int, ...]:
 
 def prepare_quantized_layers(model: nn.Module) -> None:
     """Run each quantized layer's ``prepare`` (see :class:`QuantizedKind`) over ``model``."""
+    packages = {type(p).__module__.partition(".")[0] for p in model.parameters()}  # not p.data: a new tensor
+    if not packages & _BY_PACKAGE.keys():  # no quantized parameter type at all: nothing to walk
+        return
     for module in model.modules():
         kind = quantized_kind(module)
         if kind is not None and kind.prepare is not None:

@@ -32,13 +32,14 @@ READ_BY_PARENT: dict[tuple[str, str], str] = {
 }
 
 
-def direct_read_reason(model: nn.Module, path: str, module: nn.Module) -> str | None:
-    """Why LoRA on ``module`` (at ``path`` in ``model``) would be ignored or lost; None where it works."""
+def direct_read_reason(modules: dict[str, nn.Module], path: str, module: nn.Module) -> str | None:
+    """Why LoRA on ``module`` (at ``path``; ``modules`` maps the model's paths to modules) would be ignored or
+    lost; None where it works."""
     if _parametrized(module):
         return ("its weight is parametrized (weight_norm, spectral_norm or torch.nn.utils.parametrize): .weight is "
                 "recomputed from other tensors on every read, so a merge into it would be lost")
     parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
+    parent = modules.get(parent_path)
     for cls in type(parent).__mro__:
         reason = READ_BY_PARENT.get((cls.__name__, name))
         if reason:

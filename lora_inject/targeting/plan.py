@@ -178,7 +178,7 @@ def _resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_mu
         )
     if not chosen:
         raise TargetNotFoundError("The targets matched no module.\n" + explain_misses(missed, named))
-    chosen = _without_direct_reads(model, chosen, targets)
+    chosen = _without_direct_reads({"": model, **dict(named)}, chosen, targets)
     planned, wrappers = [], {}
     for path, module in chosen:
         wrapper = existing.get(path) or wrap(path, module)
@@ -215,12 +215,12 @@ def _resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_mu
     return _with_parameters(Plan(planned, saves, model, wrappers, misses, tokens), walked, config, adapter)
 
 
-def _without_direct_reads(model: nn.Module, chosen: list, targets: list) -> list:
+def _without_direct_reads(modules: dict[str, nn.Module], chosen: list, targets: list) -> list:
     """``chosen`` less the modules whose weight is read without calling them (see direct_reads.py): refused when
     a target names them, left out when only ``all-linear`` picked them."""
     kept = []
     for path, module in chosen:
-        reason = direct_read_reason(model, path, module)
+        reason = direct_read_reason(modules, path, module)
         if reason is None:
             kept.append((path, module))
         elif any(not isinstance(t, AllLinearTarget) and t.matches(path, module) for t in targets):
