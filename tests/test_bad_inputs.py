@@ -324,7 +324,7 @@ def test_a_failed_final_swap_of_a_forced_merge_restores_the_previous_output(base
 
 def test_leftovers_of_killed_merges_are_cleaned_on_the_next_merge(base_dir, tmp_path):
     _adapter(base_dir, tmp_path / "a")
-    stale = tmp_path / ".out.partial-abc123"
+    stale = tmp_path / ".out.partial-999999999-abc123"  # pid 999999999 runs nowhere
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
     hidden = tmp_path / ".out.old-999999999"  # a merge killed after moving the previous output aside

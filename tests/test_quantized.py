@@ -292,29 +292,27 @@ def test_requantized_merge_refuses_a_lora_bias_it_cannot_carry(float_dir):
     assert model.model.layers[0].mlp.down_proj.merged_adapters == []
 
 
-def _repacked_as_on_avx512bf16(model):
-    """What ``Linear4bit.forward`` does to every 4-bit layer on its first eval no-grad forward on a CPU with
-    AVX512-BF16 (bitsandbytes >= 0.48), done directly so that it happens on every CPU."""
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+def _convert_4bit_layers(model, pack: bool):
+    """``pack``: what ``Linear4bit.forward`` does to every 4-bit layer on its first eval no-grad forward on a CPU
+    with AVX512-BF16 (bitsandbytes >= 0.48), done directly so that it happens on every CPU. Else bitsandbytes'
+    own inverse, and its path for CPUs without AVX512-BF16 (the reference)."""
+    from bitsandbytes import functional
 
+    convert = functional._convert_weight_packed_for_cpu if pack else functional._convert_weight_packed_for_cpu_inverse
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = True
+            module.support_avx512bf16_for_cpu = pack
             weight = module.weight
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+            weight.data, weight.quant_state = convert(weight.data, weight.quant_state)
     return model
+
+
+def _repacked_as_on_avx512bf16(model):
+    return _convert_4bit_layers(model, pack=True)
 
 
 def _unpacked_by_bitsandbytes(model):
-    """The reference: bitsandbytes' own inverse of the repacking, and its path for CPUs without AVX512-BF16."""
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            weight = module.weight
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
-    return model
+    return _convert_4bit_layers(model, pack=False)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

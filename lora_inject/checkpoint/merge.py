@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from ..config import LoraConfig
 from ..errors import AdapterFileError, ConfigError, MergeError, preview
+from ..formats.folder import put_back_leftovers
 from ..formats.registry import read_adapter
 from ..layers.base import merge_dtype
 from ..targeting.matching import NameTarget, is_hf_conv1d, pattern_budget
@@ -368,7 +369,7 @@ def merge_checkpoint(
     if out == base or base in out.parents or out in base.parents:
         raise ConfigError(f"OUT ({out}) must not be BASE ({base}), inside it, or contain it: BASE is never written.")
     if out.parent.is_dir():
-        _clean_leftovers(out)  # a previous output hidden by a killed merge comes back before OUT is checked
+        put_back_leftovers(out)  # a previous output hidden by a killed merge comes back before OUT is checked
     if out.exists() and not force:
         raise ConfigError(f"{out} exists. Pass --force (force=True) to replace it.")
     if dtype is not None and dtype not in OUT_DTYPES:
@@ -384,8 +385,7 @@ def merge_checkpoint(
     _check_shapes(base, shards, matched)
     out_dtype = OUT_DTYPES.get(dtype) if dtype else None
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    (staging / ".owner").write_text(str(os.getpid()))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         sizes = _write_shards(base, shards, matched, out_dtype, staging, progress)
         _copy_side_files(base, staging, dtype)
@@ -396,7 +396,6 @@ def merge_checkpoint(
             from .verify import verify_merge
 
             verify_merge(base, staging, matched, out_dtype)
-        (staging / ".owner").unlink()
         _swap_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -498,34 +497,3 @@ def _swap_into_place(staging: Path, out: Path) -> None:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
-
-def _clean_leftovers(out: Path) -> None:
-    """What killed merges into ``out`` left behind: staging folders (``.<out>.partial-*``) of processes that no
-    longer run, and a previous output moved aside (``.<out>.old-<pid>``), which is put back when ``out`` is gone."""
-    for entry in out.parent.glob(f".{out.name}.*-*"):
-        kind, _, owner = entry.name.removeprefix(f".{out.name}.").partition("-")
-        if kind == "old" and owner.isdigit() and not _running(int(owner)):
-            if not out.exists():
-                os.replace(entry, out)
-            else:
-                shutil.rmtree(entry, ignore_errors=True)
-        elif kind == "partial" and not _staging_in_use(entry):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _staging_in_use(entry: Path) -> bool:
-    owner = entry / ".owner"
-    try:
-        return _running(int(owner.read_text()))
-    except (OSError, ValueError):
-        return False

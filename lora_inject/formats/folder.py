@@ -75,7 +75,7 @@ def write_atomically(directory: str | os.PathLike, files: Mapping[str, Callable[
     if directory.parent.exists() and not directory.parent.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(directory.parent))
     directory.parent.mkdir(parents=True, exist_ok=True)
-    _put_back_leftovers(directory)
+    put_back_leftovers(directory)
     if _swappable(directory):
         return _swap_folder(directory, files)
     return _rename_files(directory, files)
@@ -136,17 +136,18 @@ def _link_or_copy(source: str, target: str) -> None:
         shutil.copy2(source, target, follow_symlinks=False)
 
 
-def _put_back_leftovers(directory: Path) -> None:
-    """A previous save killed between its two renames left no folder and the old one as ``.<name>.old-<pid>``:
-    put it back; staging folders of dead saves are removed."""
-    for entry in directory.parent.glob(f".{directory.name}.*-*"):
-        kind, _, owner = entry.name.removeprefix(f".{directory.name}.").partition("-")
-        if kind == "old" and owner.isdigit() and not _alive(int(owner)):
-            if not directory.exists():
-                os.rename(entry, directory)
-            else:
-                shutil.rmtree(entry, ignore_errors=True)
-        elif kind == "saving" and owner.partition("-")[0].isdigit() and not _alive(int(owner.partition("-")[0])):
+def put_back_leftovers(target: Path) -> None:
+    """What killed writers of ``target`` (a save, ``lora-inject merge``) left beside it: a previous ``target``
+    moved aside (``.<name>.old-<pid>``), put back when ``target`` is gone, and staging folders
+    (``.<name>.saving-<pid>-*``, ``.<name>.partial-<pid>-*``) of processes that no longer run, removed."""
+    for entry in target.parent.glob(f".{target.name}.*-*"):
+        kind, _, rest = entry.name.removeprefix(f".{target.name}.").partition("-")
+        owner = rest.partition("-")[0]
+        if not owner.isdigit() or _alive(int(owner)) or kind not in ("old", "saving", "partial"):
+            continue
+        if kind == "old" and not target.exists():
+            os.rename(entry, target)
+        else:
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -157,7 +158,7 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return pid != os.getpid()
+    return True
 
 
 def _fsync(path: Path) -> None:
