@@ -50,14 +50,15 @@ def _is_sharded(param: nn.Parameter) -> bool:
     return type(param).__name__ == "DTensor" or type(getattr(param, "data", None)).__name__ == "DTensor"
 
 
-def check_not_distributed(model: nn.Module, action: str) -> None:
+def check_not_distributed(model: nn.Module, action: str, offloaded_ok: bool = False) -> None:
     """Raise if ``model`` is already wrapped by DDP/FSDP or holds sharded (DTensor) parameters.
 
     Injecting after wrapping raises no error in torch but the new parameters are not
     synchronised: ranks drift apart. Inject first, then wrap. Offloaded models are refused too (see
-    :func:`check_not_offloaded`).
+    :func:`check_not_offloaded`) unless ``offloaded_ok`` (taking adapters out reads no weight).
     """
-    check_not_offloaded(model, action)
+    if not offloaded_ok:
+        check_not_offloaded(model, action)
     for path, module in model.named_modules():
         kind = _wrapper_kind(module)
         if kind:

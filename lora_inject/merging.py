@@ -115,7 +115,7 @@ def unmerge(model: nn.Module) -> None:
 
 
 def _unwrap(model: nn.Module, keep_merged: bool) -> nn.Module:
-    check_not_distributed(model, "take the adapters out")
+    check_not_distributed(model, "take the adapters out", offloaded_ok=not keep_merged)
     model = unwrap(model)
     shared_before = _shared_parameters(model)
     for path, module in innermost_first(_adapter_modules(model)):

@@ -265,41 +265,37 @@ def test_token_ids_beyond_any_vocabulary_are_refused_before_resizing(base_dir, t
 
 
 # ----- faults --------------------------------------------------------------------------------------
-def test_a_save_swaps_the_whole_folder_and_a_failed_swap_keeps_the_old_one(base_dir, tmp_path, monkeypatch):
+def test_a_new_adapter_folder_appears_whole_and_readable(base_dir, tmp_path, monkeypatch):
     from lora_inject.formats import folder
 
-    model = _adapter(base_dir, tmp_path / "a", alpha=8)
-    (tmp_path / "a" / "optimizer.pt").write_bytes(b"state")  # what else a checkpoint folder holds stays
-    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
-    real = os.rename
+    model = _adapter(base_dir, tmp_path / "first")
+    real = folder.save_file
 
-    def failing(src, dst):
-        if ".saving-" in str(src):
-            raise OSError("power cut")
-        return real(src, dst)
+    def failing(tensors, path, metadata=None):
+        real(tensors, path, metadata=metadata)
+        raise OSError("disk full")
 
-    monkeypatch.setattr(folder.os, "rename", failing)
-    randomize_adapters(model)
-    with pytest.raises(OSError, match="power cut"):
-        li.save_adapter(model, tmp_path / "a")
+    monkeypatch.setattr(folder, "save_file", failing)
+    with pytest.raises(OSError, match="disk full"):
+        li.save_adapter(model, tmp_path / "new")
     monkeypatch.undo()
-    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "first"]  # no folder, no staging left
+    li.save_adapter(model, tmp_path / "new")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+
+
+def test_saving_into_a_folder_keeps_what_else_it_holds(base_dir, tmp_path):
+    model = _adapter(base_dir, tmp_path / "a")
+    (tmp_path / "a" / "optimizer.pt").write_bytes(b"state")  # a Trainer checkpoint holds more than the adapter
+    randomize_adapters(model)
     li.save_adapter(model, tmp_path / "a")
     assert (tmp_path / "a" / "optimizer.pt").read_bytes() == b"state"
-    assert (tmp_path / "a" / WEIGHTS).read_bytes() != before[WEIGHTS]
-
-
-def test_a_save_killed_between_its_two_renames_is_put_back_by_the_next(base_dir, tmp_path):
-    model = _adapter(base_dir, tmp_path / "a")
-    os.rename(tmp_path / "a", tmp_path / ".a.old-999999999")  # the instant between the renames, frozen
-    with pytest.raises(li.AdapterFileError, match="does not exist"):  # never a half-updated folder
-        li.load_adapter(_fresh(base_dir), tmp_path / "a")
-    li.save_adapter(model, tmp_path / "b")  # another folder: leaves it alone
-    assert (tmp_path / ".a.old-999999999").exists()
+    stale = tmp_path / ".a.saving-999999999-xyz"  # what a killed save leaves: removed by the next one
+    stale.mkdir()
     li.save_adapter(model, tmp_path / "a")
-    assert not (tmp_path / ".a.old-999999999").exists()
-    li.load_adapter(_fresh(base_dir), tmp_path / "a")
+    assert not stale.exists()
 
 
 def test_a_failed_final_swap_of_a_forced_merge_restores_the_previous_output(base_dir, tmp_path, monkeypatch):

@@ -307,3 +307,15 @@ def test_load_adapter_weights_writes_all_or_nothing(tmp_path):
         li.load_adapter_weights(model, tmp_path / "a")
     assert all(torch.equal(v, changed[k]) for k, v in li.lora_state_dict(model).items())
     assert before.keys() == changed.keys()
+
+
+def test_modules_to_save_answers_attributes_of_the_running_copy():
+    model = li.inject(tiny_llama(), targets=["q_proj"], r=4, modules_to_save=["lm_head"])
+    head = model.lm_head
+    with torch.no_grad():
+        head.modules_to_save["default"].weight.add_(1.0)
+    head.modules_to_save["default"].extra_flag = "copy"
+    head.original_module.extra_flag = "original"
+    assert head.extra_flag == "copy"
+    with li.disabled_adapters(model):
+        assert head.extra_flag == "original"

@@ -287,10 +287,14 @@ def _check_shapes(base: Path, shards: list[Shard], matched: dict[str, Edit]) -> 
         for _, edit in square:
             edit.kind = next(iter(decided))
     elif (base / "config.json").is_file():
-        modules = dict(model_on_meta(str(base)).named_modules())
+        try:
+            modules = dict(model_on_meta(str(base)).named_modules())
+        except Exception:  # custom code, a config transformers cannot read: the adapter's fan_in_fan_out decides
+            return
         for key, edit in square:
-            module = modules.get(key.rpartition(".")[0])
-            if module is not None:
+            path = key.rpartition(".")[0]
+            module = modules.get(path) or next((m for p, m in modules.items() if p.endswith("." + path)), None)
+            if module is not None:  # (checkpoints saved without the base model's prefix match by suffix)
                 edit.kind = "transposed" if is_hf_conv1d(module) else "linear"
 
 
@@ -386,6 +390,9 @@ def merge_checkpoint(
     out_dtype = OUT_DTYPES.get(dtype) if dtype else None
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # the output is a checkpoint for others to read, not mkdtemp's 0700
     try:
         sizes = _write_shards(base, shards, matched, out_dtype, staging, progress)
         _copy_side_files(base, staging, dtype)

@@ -4,6 +4,7 @@ anything), listing a folder for messages, and the atomic write of several files 
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import shutil
 import tempfile
@@ -62,88 +63,59 @@ def text_writer(text: str) -> Callable[[str], object]:
 
 
 def write_atomically(directory: str | os.PathLike, files: Mapping[str, Callable[[str], object]]) -> Path:
-    """Write ``{file name: writer(temporary path)}`` into ``directory``, all files at once.
+    """Write ``{file name: writer(temporary path)}`` into ``directory``, each file whole.
 
-    The new folder is built beside the old one (the files written and fsynced, whatever else the old folder
-    holds hard-linked in) and swapped in by renames of whole folders: a reader sees the old files or the new
-    ones, never new weights with an old config. A failure while writing leaves the folder as it was; a crash in
-    the instant between the two renames leaves no folder (an error on load, never a wrong adapter) and the
-    previous one beside it as ``.<name>.old-<pid>``, put back by the next save. Where a folder cannot be swapped
-    (the working directory, a symlink, another file system), the files are renamed into place one by one.
+    A folder that does not exist yet is built beside its place (files written and fsynced) and renamed into
+    place at once: no reader ever sees part of it. Into an existing folder each file goes to a temporary name
+    first (fsynced), then all are renamed into place, the weights first: a failure while writing leaves the
+    folder as it was. (Swapping an existing folder whole would lose what other writers put there meanwhile,
+    such as the other ranks' files in a Trainer checkpoint; see docs/adapter-files.md.)
     """
     directory = Path(directory)
     if directory.parent.exists() and not directory.parent.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(directory.parent))
     directory.parent.mkdir(parents=True, exist_ok=True)
     put_back_leftovers(directory)
-    if _swappable(directory):
-        return _swap_folder(directory, files)
+    if not directory.exists() and not directory.is_symlink() and _create_whole(directory, files):
+        return directory
     return _rename_files(directory, files)
 
 
-def _swappable(directory: Path) -> bool:
-    if directory.is_symlink():
-        return False
-    resolved, cwd = directory.resolve(), Path.cwd().resolve()
-    return resolved != cwd and resolved not in cwd.parents
-
-
-def _swap_folder(directory: Path, files: Mapping[str, Callable[[str], object]]) -> Path:
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-{os.getpid()}-", dir=directory.parent))
+def _create_whole(directory: Path, files: Mapping[str, Callable[[str], object]]) -> bool:
+    """Build ``directory`` beside its place and rename it in; False where that cannot be done (a parent we may
+    not write in, another writer that made the folder meanwhile): then the files go in one by one. A writer's
+    own failure propagates, leaving nothing behind."""
     try:
-        if directory.is_dir():
-            _link_tree(directory, staging, skip=set(files))
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-{os.getpid()}-", dir=directory.parent))
+    except OSError:
+        return False
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would make the adapter unreadable to others
         for name, write in files.items():
             write(str(staging / name))
             _fsync(staging / name)
         _fsync(staging)
-        if not directory.exists():
-            os.rename(staging, directory)
-            return directory
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        os.rename(directory, old)
         try:
-            os.rename(staging, directory)
-        except BaseException:
-            os.rename(old, directory)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-        return directory
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        return _rename_files(directory, files)
+            os.rename(staging, directory)  # fails if another writer made the folder meanwhile: nothing replaced
+        except OSError:
+            return False
+        return True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _link_tree(source: Path, target: Path, skip: set[str]) -> None:
-    """Everything in ``source`` but ``skip`` (top level), into ``target``: hard links where the file system allows,
-    copies elsewhere."""
-    for entry in source.iterdir():
-        if entry.name in skip or entry.name.startswith((".tmp", f".{source.name}.")):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, target / entry.name, copy_function=_link_or_copy, symlinks=True)
-        else:
-            _link_or_copy(str(entry), str(target / entry.name))
-
-
-def _link_or_copy(source: str, target: str) -> None:
-    try:
-        os.link(source, target, follow_symlinks=False)
-    except OSError:
-        shutil.copy2(source, target, follow_symlinks=False)
 
 
 def put_back_leftovers(target: Path) -> None:
     """What killed writers of ``target`` (a save, ``lora-inject merge``) left beside it: a previous ``target``
     moved aside (``.<name>.old-<pid>``), put back when ``target`` is gone, and staging folders
     (``.<name>.saving-<pid>-*``, ``.<name>.partial-<pid>-*``) of processes that no longer run, removed."""
-    for entry in target.parent.glob(f".{target.name}.*-*"):
+    for entry in target.parent.glob(f".{glob.escape(target.name)}.*-*"):
         kind, _, rest = entry.name.removeprefix(f".{target.name}.").partition("-")
         owner = rest.partition("-")[0]
-        if not owner.isdigit() or _alive(int(owner)) or kind not in ("old", "saving", "partial"):
+        if not owner.isdigit() or kind not in ("old", "saving", "partial"):
+            continue
+        if _alive(int(owner)) and int(owner) != os.getpid():  # this process writes no target while it cleans up
             continue
         if kind == "old" and not target.exists():
             os.rename(entry, target)

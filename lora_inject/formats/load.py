@@ -309,18 +309,18 @@ def _destination(model: nn.Module, target: tuple, adapter: str) -> torch.Tensor:
 
 
 def _copy_in(model: nn.Module, tensors: dict, targets: dict, adapter: str) -> None:
-    """Copy every tensor of the file into its place, all or nothing: each value is converted to its
-    destination's dtype and device first (a value that cannot be fails before any write), and a failure while
-    writing puts back what was written."""
-    writes = []
-    for key, (_, target) in targets.items():
-        if key in tensors:
-            param = _destination(model, target, adapter)
-            writes.append((param, tensors[key].to(device=param.device, dtype=param.dtype)))
-    kept = [param.detach().clone() for param, _ in writes]
+    """Copy every tensor of the file into its place, all or nothing: dtypes are checked before any write, and a
+    failure while writing puts back what was written (one destination's copy kept at a time as it goes)."""
+    writes = [(_destination(model, target, adapter), tensors[key]) for key, (_, target) in targets.items()
+              if key in tensors]
+    odd = [str(value.dtype) for _, value in writes if not (value.is_floating_point() and not value.is_complex())]
+    if odd:  # read_adapter refuses these already; a caller handing tensors in directly must not half-write
+        raise AdapterFileError(f"tensors that are not floating point ({', '.join(sorted(set(odd)))}); nothing written.")
+    kept: list[torch.Tensor] = []  # each destination's values, taken just before it is overwritten
     with torch.no_grad():
         try:
             for param, value in writes:
+                kept.append(param.detach().clone())
                 param.data.copy_(value)
         except BaseException:
             for (param, _), old in zip(writes, kept):

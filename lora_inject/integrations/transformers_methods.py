@@ -101,9 +101,9 @@ def accept_quantized_training(model: nn.Module) -> None:
         return
     import transformers.trainer as trainer_module
 
-    original = trainer_module.validate_quantization_for_training
-    if getattr(original, "accepts_lora_inject", False):
-        return
+    original = getattr(trainer_module, "validate_quantization_for_training", None)
+    if original is None or getattr(original, "accepts_lora_inject", False):
+        return  # transformers versions without the check, or wrapped already
 
     def validate_quantization_for_training(candidate: nn.Module) -> None:
         inner = getattr(candidate, "_orig_mod", candidate)

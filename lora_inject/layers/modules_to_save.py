@@ -37,6 +37,17 @@ class ModulesToSave(StandsIn):
         use_copy = keep_merged and self.active_adapter is not None and not self.adapters_disabled
         return self.modules_to_save[self.active_adapter] if use_copy else self.original_module
 
+    def __getattr__(self, name: str):
+        """Attributes the wrapper lacks are the running module's (the active trained copy, else the original),
+        as PEFT's wrapper answers them: ``model.score.bias`` is the bias that runs."""
+        try:
+            return nn.Module.__getattr__(self, name)
+        except AttributeError:
+            if name.startswith("_") or name in ("original_module", "modules_to_save"):
+                raise
+            running = self.active_adapter is not None and not self.adapters_disabled
+            return getattr(self.modules_to_save[self.active_adapter] if running else self.original_module, name)
+
     @property
     def weight(self) -> torch.Tensor:
         """The running module's weight (the active copy, else the original), for code written for the plain

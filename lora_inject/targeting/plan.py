@@ -218,7 +218,7 @@ def _resolve(model: nn.Module, config: LoraConfig, adapter: str, every_target_mu
 def _without_direct_reads(modules: dict[str, nn.Module], chosen: list, targets: list) -> list:
     """``chosen`` less the modules whose weight is read without calling them (see direct_reads.py): refused when
     a target names them, left out when only ``all-linear`` picked them."""
-    kept = []
+    kept, left_out = [], []
     for path, module in chosen:
         reason = direct_read_reason(modules, path, module)
         if reason is None:
@@ -228,6 +228,12 @@ def _without_direct_reads(modules: dict[str, nn.Module], chosen: list, targets: 
                 f"{path!r} cannot take LoRA: {reason}. An adapter there would be ignored until merged, or its merge "
                 "lost. Leave it out of the targets (all-linear leaves it out)."
             )
+        else:
+            left_out.append(path)
+    if left_out and kept:
+        warnings.warn(f"all-linear left out {len(left_out)} Linear layer(s) whose weight is read without calling "
+                      f"them ({', '.join(left_out[:3])}{', ...' if len(left_out) > 3 else ''}); see docs/targets.md.",
+                      stacklevel=4)
     if chosen and not kept:
         raise TargetNotFoundError(
             f"Every module the targets matched ({', '.join(p for p, _ in chosen[:5])}) has its weight read without "
