@@ -146,8 +146,6 @@ LOADS = [  # (PEFT's case name, model, config)
 ]
 
 REFUSALS = [  # (PEFT's case name, model, config, what the refusal names)
-    ("MHA 1 LoRA", "MHA", {"target_modules": ["mha"]}, "MultiheadAttention"),
-    ("MHA 2 LoRA", "MHA", {"target_modules": ["mha", "lin0"]}, "MultiheadAttention"),
     ("Vanilla MLP 1 LoRA with Monteclora", "MLP", {"target_modules": ["lin0"], "monteclora_config": {"num_samples": 2}},
      "monteclora_config"),
     ("BD-LoRA both A and B", "MLP", {"target_modules": ["lin0", "lin1"], "use_bdlora": {
@@ -230,3 +228,21 @@ def test_peft_case_we_do_not_implement_is_refused_by_name(name, model_id, config
         li.load_adapter(model, tmp_path / "peft", strict=strict)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("targets", [["mha"], ["mha", "lin0"]], ids=["MHA 1 LoRA", "MHA 2 LoRA"])
+def test_peft_mha_case_loads_with_the_update_once_and_says_how_peft_differs(targets, tmp_path):
+    """PEFT 0.21.2 adds nn.MultiheadAttention's out_proj update twice; loaded here it is added once (LoRA's
+    definition), with a warning: the outputs equal PEFT's after halving the file's out_proj B."""
+    base, theirs = _peft_model("MHA", {"target_modules": targets})
+    theirs.save_pretrained(tmp_path / "peft")
+    x = _inputs("MHA")
+    with pytest.warns(UserWarning, match="out_proj update twice"):
+        ours = li.load_adapter(copy.deepcopy(base), tmp_path / "peft").eval()
+    with torch.no_grad():
+        assert not torch.allclose(ours(x), theirs(x), atol=1e-4)
+        for module in theirs.modules():  # PEFT with its doubled out_proj update undone
+            if type(module).__name__ == "Linear" and hasattr(module, "lora_B") and "out_proj" in str(
+                    [n for n, m in theirs.named_modules() if m is module]):
+                module.lora_B["default"].weight.mul_(0.5)
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)

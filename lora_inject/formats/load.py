@@ -79,7 +79,9 @@ def _expected(model: nn.Module, resolved: Plan, config: LoraConfig) -> tuple[dic
             continue  # the module's other parameters are not the adapter's
         base = wrapper.base_layer
         optional.pop(f"{layer.path}.weight", None)
-        optional[f"{layer.path}.base_layer.weight"] = (tuple(base.weight.shape), ("carried", layer.path, base.weight))
+        if isinstance(getattr(base, "weight", None), torch.Tensor):  # (nn.MultiheadAttention has none)
+            optional[f"{layer.path}.base_layer.weight"] = (tuple(base.weight.shape),
+                                                           ("carried", layer.path, base.weight))
         if config.bias != "none" and isinstance(getattr(base, "bias", None), torch.Tensor):
             optional[f"{layer.path}.base_layer.bias"] = (tuple(base.bias.shape), ("tensor", base.bias))
     for path in resolved.modules_to_save:
@@ -249,6 +251,22 @@ def _rank_hint(tensors: dict, required: dict, config: LoraConfig) -> str:
     return ""
 
 
+def _warn_doubled_out_proj(resolved: Plan, tensors: dict, found) -> None:
+    """PEFT (0.21.2) adds an nn.MultiheadAttention adapter's out_proj update twice; lora_inject adds it once, as
+    LoRA defines it. A file another library wrote with a non-zero out_proj update computes differently there."""
+    if found.notes.get("written_by_us", True):
+        return
+    attention = [p for p, w in resolved.wrappers.items() if type(w).__name__ == "LoraMultiheadAttention"]
+    moved = [p for p in attention if bool(tensors.get(f"{p}.base_layer.out_proj.lora_B.weight", torch.zeros(1)).any())]
+    if moved:
+        warnings.warn(
+            f"{found.source}: nn.MultiheadAttention adapters ({', '.join(moved[:3])}) from another library: PEFT "
+            "0.21.2 adds their out_proj update twice (training, inference and merge alike), lora_inject once, as "
+            "LoRA defines it, so outputs differ from PEFT's by that update. To reproduce PEFT's numbers, double "
+            "those out_proj lora_B tensors before loading.", stacklevel=3,
+        )
+
+
 def load_adapter(
     model: nn.Module,
     source: str | os.PathLike,
@@ -285,6 +303,7 @@ def load_adapter(
         raise type(exc)(f"{found.source}: the adapter's config does not fit this model. {exc}") from None
     found = convert(found, "layout", resolved.wrappers)
     config, tensors = found.config, found.tensors
+    _warn_doubled_out_proj(resolved, tensors, found)
     required, optional = _expected(model, resolved, config)
     _check_tensors(model, tensors, required, optional, config, strict, found.source)
     with restored_on_failure(model):

@@ -97,8 +97,9 @@ def read(directory: Path) -> Adapter:
     raw = _config_bytes(directory)
     data = read_config_dict(directory, raw)
     config = from_peft_dict(data, str(Path(directory) / CONFIG_NAME))
-    tensors, _ = _tensors_and_metadata(Path(directory))
-    notes = {"peft_version": data.get("peft_version"), "fan_in_fan_out": data.get("fan_in_fan_out", False)}
+    tensors, metadata = _tensors_and_metadata(Path(directory))
+    notes = {"peft_version": data.get("peft_version"), "fan_in_fan_out": data.get("fan_in_fan_out", False),
+             "written_by_us": "lora_inject_version" in metadata}
     return Adapter(config, tensors, str(directory), "peft", notes=notes)
 
 

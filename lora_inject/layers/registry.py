@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModuleError
+from .attention import LoraMultiheadAttention
 from .base import LoraLayer
 from .conv import LoraConv
 from .embedding import LoraEmbedding
@@ -21,6 +22,7 @@ _REGISTRY: dict[type, type[LoraLayer]] = {
     nn.Conv2d: LoraConv,
     nn.Conv3d: LoraConv,
     nn.Embedding: LoraEmbedding,
+    nn.MultiheadAttention: LoraMultiheadAttention,
 }
 # (module, qualname) of types we must not import eagerly
 _BY_IMPORT_PATH: dict[tuple[str, str], type[LoraLayer]] = {

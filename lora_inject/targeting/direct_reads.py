@@ -19,7 +19,8 @@ _MAMBA_CONV = "transformers' Mamba mixer passes conv1d.weight to its convolution
 # (class name in the parent's MRO, attribute name) -> what reads the weight
 READ_BY_PARENT: dict[tuple[str, str], str] = {
     ("MultiheadAttention", "out_proj"): "nn.MultiheadAttention passes out_proj.weight to "
-                                        "F.multi_head_attention_forward and never calls out_proj",
+                                        "F.multi_head_attention_forward and never calls out_proj (target the "
+                                        "attention module itself: its LoRA adapts the in- and out-projections)",
     ("TransformerEncoderLayer", "linear1"): _FAST_PATH,
     ("TransformerEncoderLayer", "linear2"): _FAST_PATH,
     ("TransformerDecoderLayer", "linear1"): _FAST_PATH.replace("encoder", "decoder"),

@@ -272,7 +272,7 @@ def _with_parameters(plan: Plan, walked, config: LoraConfig, adapter: str) -> Pl
 
 def _planned(path: str, module: nn.Module, wrapper: LoraLayer, config: LoraConfig) -> PlannedLayer:
     r = config.rank_for(path)
-    shape = logical_weight_shape(module)
+    shape = logical_weight_shape(module) if quantized_kind(module) else tuple(wrapper.base_weight.shape)
     added = sum(math.prod(s) for s in wrapper.adapter_shapes(r, config.dora, config.lora_bias).values())
     kind = quantized_kind(module)
     return PlannedLayer(
