@@ -148,9 +148,6 @@ def inject_resolved(model: nn.Module, resolved: Plan, config: LoraConfig, adapte
     """Apply a plan made by :func:`lora_inject.plan.resolve` for this model, config and adapter."""
     first_adapter = not getattr(model, _STATE_ATTR, None)
     touched = _apply(model, resolved, config, adapter)
-    _inherit_training_flag(touched)
-    prepare_quantized_layers(model)
-    model_event("attached", model)
     model.requires_grad_(False)
     _config_record(model).update({adapter: config})
     if first_adapter:  # nothing else to deactivate: skip walking the whole model again
@@ -209,6 +206,9 @@ def _apply(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str) -
             if previous is not wrapper:
                 _set_submodule(model, token.path, wrapper)
                 attached.append((token.path, previous))
+        _inherit_training_flag(extended)
+        prepare_quantized_layers(model)
+        model_event("attached", model)  # an edge that fails here undoes the whole injection too
         return extended
     except BaseException:
         for module in extended:
@@ -216,6 +216,9 @@ def _apply(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str) -
                 module.delete_adapter(adapter)
         for path, previous in reversed(attached):
             _set_submodule(model, path, previous)
+        if not getattr(model, _STATE_ATTR, None):  # the edges that did attach (methods set on the model) let go
+            with contextlib.suppress(Exception):  # the error being raised is the one to report
+                model_event("detached", model)
         raise
 
 

@@ -432,3 +432,22 @@ def test_multihead_attention_unload_and_delete_restore_the_plain_module():
         model(torch.randn(2, 3, 8))
     model.eval()
     model(torch.randn(2, 3, 8))  # dropout is a training matter: inference runs
+
+
+def test_an_edge_that_fails_while_attaching_undoes_the_injection():
+    from lora_inject.inject import _HANDLERS, on_model_event
+
+    def failing(model):
+        raise RuntimeError("edge broke")
+
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    on_model_event("attached", failing)  # after transformers' methods were set on the model
+    try:
+        with pytest.raises(RuntimeError, match="edge broke"):
+            li.inject(model, targets=["q_proj"], r=4)
+    finally:
+        _HANDLERS["attached"].remove(failing)
+    assert not any(isinstance(m, li.LoraLayer) for m in model.modules())
+    assert model.state_dict().keys() == before.keys() and not li.adapter_configs(model)
+    assert "save_pretrained" not in model.__dict__  # the instance methods were taken off again
