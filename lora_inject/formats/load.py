@@ -29,6 +29,7 @@ from ..inject import (
     restored_on_failure,
 )
 from ..layers import ModulesToSave, TrainableTokens
+from ..layers.attention import LoraMultiheadAttention
 from ..layers.parameter import LoraParameter
 from ..targeting.plan import Plan, PlannedLayer, logical_modules, resolve
 from ..targeting.tokens import TokenTarget
@@ -256,7 +257,7 @@ def _warn_doubled_out_proj(resolved: Plan, tensors: dict, found) -> None:
     LoRA defines it. A file another library wrote with a non-zero out_proj update computes differently there."""
     if found.notes.get("written_by_us", True):
         return
-    attention = [p for p, w in resolved.wrappers.items() if type(w).__name__ == "LoraMultiheadAttention"]
+    attention = [p for p, w in resolved.wrappers.items() if isinstance(w, LoraMultiheadAttention)]
     moved = [p for p in attention if bool(tensors.get(f"{p}.base_layer.out_proj.lora_B.weight", torch.zeros(1)).any())]
     if moved:
         warnings.warn(

@@ -233,6 +233,8 @@ def prepare_quantized_layers(model: nn.Module) -> None:
     if not packages & _BY_PACKAGE.keys():  # no quantized parameter type at all: nothing to walk
         return
     for module in model.modules():
+        if "weight" not in module._parameters:
+            continue  # a wrapper answers its base layer's weight: the base is prepared itself
         kind = quantized_kind(module)
         if kind is not None and kind.prepare is not None:
             kind.prepare(module)
