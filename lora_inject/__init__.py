@@ -16,12 +16,14 @@ from .errors import (
     AdapterNotFoundError,
     ConfigError,
     DistributedError,
+    ExportError,
     LoraInjectError,
     MergeError,
     PatternTimeoutError,
     TargetNotFoundError,
     UnsupportedModuleError,
 )
+from .formats.gguf import export_gguf
 from .formats.load import load_adapter, load_adapter_weights
 from .formats.registry import read_adapter_config, read_adapter_tensors
 from .formats.save import save_adapter
@@ -78,6 +80,8 @@ __all__ = [
     "AdapterNotFoundError",
     "ConfigError",
     "DistributedError",
+    "ExportError",
+    "export_gguf",
     "LoraConfig",
     "LoraConv",
     "LoraConv1D",

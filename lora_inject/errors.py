@@ -49,6 +49,10 @@ class AdapterFileError(LoraInjectError, ValueError):
     """An adapter folder or file is unreadable, corrupt, or does not fit the model."""
 
 
+class ExportError(LoraInjectError, ValueError):
+    """An adapter holds something the export format cannot express (or the base is not one the format knows)."""
+
+
 class DistributedError(LoraInjectError, RuntimeError):
     """The model is wrapped or sharded in a way that makes the operation unsafe, or a
     collective step (such as saving from rank 0) failed on another rank."""

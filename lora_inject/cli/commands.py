@@ -1,4 +1,4 @@
-"""The ``lora-inject`` command: ``inspect``, ``merge`` and ``demo``."""
+"""The ``lora-inject`` command: ``inspect``, ``merge``, ``export`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -42,6 +42,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..errors import ExportError
+    from ..formats.gguf import export_gguf
+
+    if Path(args.out).exists() and not args.force:
+        raise ExportError(f"{args.out} exists; pass --force to replace it (the new file replaces it whole).")
+    out = export_gguf(args.adapter, args.out, base=args.base, outtype=args.outtype)
+    print(f"GGUF LoRA adapter written to {out} (run: llama-server -m BASE.gguf --lora {out})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -75,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--force", action="store_true", help="replace OUT if it exists")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(func=cmd_merge)
+
+    export = sub.add_parser("export", help="write an adapter as a GGUF LoRA file for llama.cpp / Ollama")
+    export.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    export.add_argument("out", help="output .gguf file (must not exist unless --force)")
+    export.add_argument("--base", required=True, help="base model folder or its config.json (only the config is read)")
+    export.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f32", help="tensor type (default f32)")
+    export.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    export.set_defaults(func=cmd_export)
 
     demo = sub.add_parser("demo", help="fine-tune all-MiniLM-L6-v2 with LoRA on a small task, end to end")
     demo.add_argument("--out", help="keep the adapter and merged model in this folder")

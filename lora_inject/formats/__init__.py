@@ -2,10 +2,11 @@
 writer (the reverse), registered by name in ``registry``; checking and the transactional copy into a model
 (``load``) and the atomic write (``folder``) are shared by every format.
 
-Formats: ``peft`` (PEFT's adapter folder; ``peft_config`` translates its fields). Dialects, converted after
+Formats: ``peft`` (PEFT's adapter folder; ``peft_config`` translates its fields), ``gguf`` (llama.cpp's LoRA
+file, written only; ``gguf_file`` is the binary writer). Dialects, converted after
 reading: ``transformers4`` (names saved under transformers 4, by transformers' own rules in
 ``conversion_rules``), ``expert_layout`` (PEFT <= 0.19.0's expert factors). ``hub`` fetches hub ids.
 Importing this package registers them all.
 """
 
-from . import expert_layout, peft, transformers4  # noqa: F401 (each registers itself)
+from . import expert_layout, gguf, peft, transformers4  # noqa: F401 (each registers itself)

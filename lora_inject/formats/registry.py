@@ -39,6 +39,7 @@ class AdapterFormat:
     read_tensors: Callable[[Path], dict[str, torch.Tensor]]  # canonical names; the config is not read
     read: Callable[[Path], Adapter]
     write: Callable[[Adapter, Path, nn.Module], Path] | None = None  # (adapter, destination, the model it is in)
+    reads: bool = True  # False: an export-only format, whose read says so (it is left out of "expected ..." lists)
 
 
 Stage = Literal["names", "layout"]
@@ -93,10 +94,10 @@ def format_of(path: str | os.PathLike) -> AdapterFormat:
     from .folder import listing
 
     found = listing(path) if path.is_dir() else [path.name]
-    first = next(iter(FORMATS.values()))
+    first, *others = [f for f in FORMATS.values() if f.reads]
     raise AdapterFileError(
         f"No adapter_config.json in {str(path)!r}: expected {first.description}"
-        + "".join(f", or {f.description}" for f in list(FORMATS.values())[1:])
+        + "".join(f", or {f.description}" for f in others)
         + f". Found: {preview(found) or 'nothing'}."
     )
 
