@@ -28,6 +28,7 @@ with tarfile.open(archive) as tar:
     for m in members:
         m.name = m.name[len(prefix):]
     tar.extractall(staging, members=members, filter="data")
+staging.chmod(0o755)  # mkdtemp makes it 0700
 shutil.rmtree(destination, ignore_errors=True)
 staging.rename(destination)
 PY

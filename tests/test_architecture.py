@@ -33,6 +33,7 @@ RANKS = {
     "lora_inject.hf": 11,
     "lora_inject.trl": 11,
     "lora_inject.distributed": 11,
+    "lora_inject.diffusers": 11,
     "lora_inject": 12,  # the public face
     "lora_inject.cli": 13,  # the command and its demo use the public face
 }

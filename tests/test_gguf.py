@@ -288,3 +288,41 @@ def test_gguf_header_by_hand(tmp_path):
     info = raw.index(b"\x01\x00\x00\x00\x00\x00\x00\x00t") + 9  # name "t", then dims, type, offset
     assert struct.unpack_from("<I2QIQ", raw, info) == (2, 3, 2, 0, 0)  # ggml order: (in, out)
     assert math.isclose(struct.unpack_from("<f", raw, raw.index(b"a") + 5)[0], 1.5)
+
+
+def test_a_config_whose_rank_disagrees_with_the_weights_is_refused(tmp_path):
+    """llama.cpp divides by the tensors' rank; a config saying another rank would rescale every update."""
+    import json
+
+    model = _adapted()
+    li.save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    config["r"] = 8
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(li.AdapterFileError, match="rank-4 factors but the config gives it rank 8"):
+        li.export_gguf(tmp_path / "adapter", tmp_path / "a.gguf", base=model.config)
+    assert not (tmp_path / "a.gguf").exists()
+
+
+def test_pissa_exports_for_the_original_base_and_its_residual_form_is_refused(tmp_path):
+    model = tiny_llama(head_dim=8, tie_word_embeddings=False)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    li.inject(model, targets=["q_proj", "v_proj"], r=2, init="pissa")
+    _randomised(model)
+    out = li.export_gguf(model, tmp_path / "a.gguf")
+    merged = li.merge_and_unload(__import__("copy").deepcopy(model)).state_dict()
+    updates = _llama_cpp_updates(out)
+    for path, name in (("model.layers.0.self_attn.q_proj", "blk.0.attn_q.weight"),
+                       ("model.layers.1.self_attn.v_proj", "blk.1.attn_v.weight")):
+        expected = (merged[path + ".weight"] - original[path + ".weight"]).double()
+        torch.testing.assert_close(updates[name], expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(li.ExportError, match="residual form"):
+        li.save_adapter(model, tmp_path / "b.gguf", format="gguf", principal_as_lora=False)
+    assert not (tmp_path / "b.gguf").exists()
+
+
+def test_a_damaged_base_config_is_an_error_not_a_crash(tmp_path, capsys):
+    model = _adapted()
+    li.save_adapter(model, tmp_path / "adapter")
+    config = model.config.to_dict() | {"num_attention_heads": 0, "head_dim": None}
+    _refused(tmp_path, tmp_path / "adapter", config, "positive integer")

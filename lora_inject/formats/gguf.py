@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterFileError, ExportError, preview
+from ..layers.principal import is_principal_init
 from .adapter import Adapter
 from .gguf_file import GGML_TYPES, write_gguf
 from .registry import AdapterFormat, read_adapter, register_format
@@ -97,15 +98,18 @@ class BaseShapes:
         try:
             heads = int(config["num_attention_heads"])
             hidden = int(config["hidden_size"])
-            return cls(
+            shapes = cls(
                 arch, model_type, int(config["num_hidden_layers"]), hidden, int(config["intermediate_size"]),
                 heads, int(config.get("num_key_value_heads") or heads),
                 int(config.get("head_dim") or hidden // heads), int(config["vocab_size"]),
                 bool(config.get("tie_word_embeddings", False)),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ExportError(f"{where}: a {model_type} config.json needs {exc} as an integer; the base folder "
-                              "is damaged or is not the model the adapter was trained on.") from None
+            if min(shapes.layers, shapes.hidden, shapes.heads, shapes.kv_heads, shapes.head_dim, shapes.vocab) <= 0:
+                raise ValueError("sizes")
+            return shapes
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+            raise ExportError(f"{where}: a {model_type} config.json needs {exc} as a positive integer; the base "
+                              "folder is damaged or is not the model the adapter was trained on.") from None
 
     def shape_of(self, gguf_name: str) -> tuple[int, int]:
         """(out, in) of the base weight, as the Hugging Face Linear stores it (embedding: (vocab, hidden))."""
@@ -134,6 +138,9 @@ def _rope_permuted(b: torch.Tensor, heads: int) -> torch.Tensor:
 def _refuse_what_gguf_cannot_say(adapter: Adapter) -> None:
     config, where = adapter.config, adapter.source
     found = []
+    if is_principal_init(config.init):
+        found.append(f"a PiSSA/OLoRA residual form (init={config.init!r}: right only on its residual base; save "
+                     "it with principal_as_lora=True)")
     if config.dora:
         found.append("DoRA (use_dora)")
     if config.lora_bias:
@@ -149,8 +156,10 @@ def _refuse_what_gguf_cannot_say(adapter: Adapter) -> None:
     factors = _LINEAR + _EMBEDDING + tuple(_REFUSED_KINDS)
     full = [k for k in adapter.tensors if not k.endswith(factors)]
     if full or config.modules_to_save:
-        found.append("full weights that travel with the adapter (modules_to_save, resized embeddings): "
-                     f"{preview(full or config.modules_to_save, 3)}")
+        found.append("full weights that travel with the adapter (modules_to_save, trained biases, embedding "
+                     "weights saved with an embedding adapter or resized embeddings): "
+                     f"{preview(full or config.modules_to_save, 3)} (if those are the base's own embedding weights, "
+                     "as PEFT saves them, load the adapter and re-save it with save_embedding_layers=False)")
     if found:
         raise ExportError(f"{where}: a GGUF LoRA file holds only W + (alpha/r)*B@A per weight; this adapter also "
                           f"has {'; '.join(dict.fromkeys(found))}. To run it in llama.cpp, {ROUTE}.")
@@ -211,6 +220,9 @@ def gguf_tensors(adapter: Adapter, shapes: BaseShapes, outtype: str = "f32") -> 
     for module, (a, b, embedding) in sorted(_factor_pairs(adapter).items()):
         name = _checked_placement(module, a, b, embedding, shapes, where)
         rank = b.shape[1]
+        if config.rank_for(module) != rank:
+            raise AdapterFileError(f"{where}: {module!r} has rank-{rank} factors but the config gives it rank "
+                                   f"{config.rank_for(module)}; the config and the weights disagree (re-save it).")
         b = b.to(torch.float64)
         file_scale = config.alpha / rank if config.alpha else 1.0  # what llama.cpp will multiply by
         scale = config.scale_for(module)
@@ -222,6 +234,10 @@ def gguf_tensors(adapter: Adapter, shapes: BaseShapes, outtype: str = "f32") -> 
         out[name + ".lora_b"] = b.to(dtype).contiguous()
     if not out:
         raise ExportError(f"{where}: the adapter has no LoRA factors to export.")
+    overflow = [k for k, v in out.items() if not bool(torch.isfinite(v).all())]
+    if overflow:
+        raise ExportError(f"{where}: {preview(overflow)} do not fit in {outtype} (inf or NaN once scaled and cast); "
+                          "export with --outtype f32.")
     return out
 
 
@@ -313,12 +329,14 @@ def export_gguf(
 def _adapter_of_model(model: nn.Module, name: str) -> Adapter:
     from ..guards import unwrap
     from ..inject import _require_adapter, adapter_configs
-    from .save import adapter_tensors
+    from .save import adapter_tensors, principal_as_lora_config
 
     model = unwrap(model)
     _require_adapter(model, name)
-    tensors = adapter_tensors(model, name)
-    return Adapter(adapter_configs(model)[name], tensors, f"adapter {name!r}", "gguf", name=name)
+    config = adapter_configs(model)[name]
+    if is_principal_init(config.init):  # written as plain LoRA for the original base, as save_adapter does
+        config = principal_as_lora_config(config)
+    return Adapter(config, adapter_tensors(model, name), f"adapter {name!r}", "gguf", name=name)
 
 
 def _write(adapter: Adapter, destination: Path, model: nn.Module) -> Path:

@@ -33,6 +33,7 @@ from ..layers.attention import LoraMultiheadAttention
 from ..layers.parameter import LoraParameter
 from ..targeting.plan import Plan, PlannedLayer, logical_modules, resolve
 from ..targeting.tokens import TokenTarget
+from .adapter import Adapter
 from .hub import adapter_folder
 from .peft_config import IGNORED_KEY_SUFFIXES
 from .registry import convert, read_adapter
@@ -268,6 +269,24 @@ def _warn_doubled_out_proj(resolved: Plan, tensors: dict, found) -> None:
         )
 
 
+def refuse_or_warn_unplaced(adapter: Adapter, strict: bool) -> None:
+    """Keys a ``names`` dialect could not put on the model (``notes["unplaced"]``: key -> why): an error
+    (``strict``: nothing is loaded) or a warning listing them."""
+    unplaced = adapter.notes.get("unplaced") or {}
+    if not unplaced and adapter.tensors:
+        return
+    listed = preview([f"{key} ({why})" for key, why in unplaced.items()], 4)
+    if not adapter.tensors:
+        raise AdapterFileError(f"{adapter.source}: nothing in the file fits this model: {listed}.")
+    if strict:
+        raise AdapterFileError(
+            f"{adapter.source}: {len(unplaced)} key(s) cannot be placed on this model, so nothing was loaded: "
+            f"{listed}. Pass strict=False to load the {len(adapter.tensors) // 2} module(s) that fit (with a warning)."
+        )
+    warnings.warn(f"{adapter.source}: left out {len(unplaced)} key(s) that do not fit this model: {listed}.",
+                  stacklevel=3)
+
+
 def load_adapter(
     model: nn.Module,
     source: str | os.PathLike,
@@ -292,10 +311,18 @@ def load_adapter(
     given, model = model, unwrap(model)
     require_new_adapter(model, adapter)
     path = adapter_folder(source, revision=revision, subfolder=subfolder, **hub_kwargs)
-    read = read_adapter(path)
+    load_read_adapter(model, read_adapter(path), adapter, strict)
+    return given
+
+
+def load_read_adapter(model: nn.Module, read: Adapter, adapter: str, strict: bool) -> None:
+    """:func:`load_adapter` after reading: convert, check everything against ``model``, then inject and copy
+    (``model`` unwrapped, ``adapter`` a new name). On any error the model is left exactly as it was."""
     if read.config.init is False:  # a tensor missing from the file (strict=False) must mean "no change"
         read = read.with_(config=read.config.replace(init=True))
     found = convert(read, "names", model)
+    if "unplaced" in found.notes:
+        refuse_or_warn_unplaced(found, strict)
     try:
         resolved = resolve(model, found.config, adapter, every_target_must_match=False)
     except AdapterFileError:
@@ -314,7 +341,6 @@ def load_adapter(
         except BaseException:
             delete_adapter(model, adapter)
             raise
-    return given
 
 
 def _destination(model: nn.Module, target: tuple, adapter: str) -> torch.Tensor:

@@ -94,7 +94,7 @@ def format_of(path: str | os.PathLike) -> AdapterFormat:
     from .folder import listing
 
     found = listing(path) if path.is_dir() else [path.name]
-    first, *others = [f for f in FORMATS.values() if f.reads]
+    first, *others = sorted((f for f in FORMATS.values() if f.reads), key=lambda f: f.name != "peft")
     raise AdapterFileError(
         f"No adapter_config.json in {str(path)!r}: expected {first.description}"
         + "".join(f", or {f.description}" for f in others)

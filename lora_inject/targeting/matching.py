@@ -274,6 +274,46 @@ def first_pattern_match(patterns: Mapping[str, object], path: str) -> str | None
     return _table(tuple(patterns)).first_match(path)
 
 
+class _TargetIndex:
+    """Targets ready to match many paths: names (path equal to, or ending with ``.name``) and escaped literal
+    regexes (one exact path, as :func:`lora_inject.config.exact_config` writes them) by dictionary lookup, the
+    others one by one. A loaded adapter names hundreds of exact paths; testing each against every module cost
+    seconds."""
+
+    def __init__(self, targets: Sequence[Target]) -> None:
+        self.names: dict[str, list[Target]] = {}
+        self.paths: dict[str, list[Target]] = {}
+        self.others: list[Target] = []
+        for target in targets:
+            if isinstance(target, NameTarget):
+                self.names.setdefault(target.name, []).append(target)
+            elif isinstance(target, RegexTarget) and (literal := _literal(target)) is not None:
+                self.paths.setdefault(literal, []).append(target)
+            else:
+                self.others.append(target)
+
+    def matching(self, path: str, module: nn.Module) -> list[Target]:
+        found = list(self.paths.get(path, ()))
+        if self.names:
+            found += self.names.get(path, ())
+            start = path.find(".")
+            while start >= 0:
+                found += self.names.get(path[start + 1:], ())
+                start = path.find(".", start + 1)
+        return found + [t for t in self.others if t.matches(path, module)]
+
+
+_ESCAPED = regex.compile(r"\\(.)", regex.DOTALL)
+
+
+def _literal(target: RegexTarget) -> str | None:
+    """The one string a regex full-matches when it is an escaped literal (``re.escape`` output), else None."""
+    if target.compiled.flags & (regex.IGNORECASE | regex.VERBOSE):
+        return None
+    text = _ESCAPED.sub(r"\1", target.pattern)
+    return text if re.escape(text) == target.pattern else None
+
+
 def select(
     named_modules: Iterable[tuple[str, nn.Module]],
     targets: list[Target],
@@ -290,6 +330,7 @@ def select(
     wanted = set(layers) if layers is not None else None
     chosen, hit, exclude_hit = [], set(), set()
     excluded_containers: set[str] = set()
+    index = _TargetIndex(targets)
     for path, module in named_modules:
         if not path:
             continue
@@ -297,7 +338,7 @@ def select(
         exclude_hit.update(excluded_by)
         if any(not isinstance(t, RegexTarget) for t in excluded_by):
             excluded_containers.add(path)
-        matched = [t for t in targets if t.matches(path, module)]
+        matched = index.matching(path, module)
         if not matched:
             continue
         hit.update(matched)
