@@ -64,12 +64,12 @@ from .version import __version__  # noqa: F401 (public)
 
 
 def __getattr__(name: str):
-    """``lora_inject.hf``, ``lora_inject.from_pretrained`` and ``lora_inject.diffusers`` load on first use only."""
-    if name in ("hf", "from_pretrained", "diffusers"):
+    """``lora_inject.hf``/``.from_pretrained``, ``.diffusers``, ``.distributed`` and ``.trl`` load on first use."""
+    if name in ("hf", "from_pretrained", "diffusers", "distributed", "trl"):
         import importlib
 
-        if name == "diffusers":
-            return importlib.import_module(".diffusers", __name__)
+        if name != "from_pretrained":
+            return importlib.import_module(f".{name}", __name__)
         hf = importlib.import_module(".hf", __name__)
         return hf if name == "hf" else hf.from_pretrained
     raise AttributeError(f"module 'lora_inject' has no attribute {name!r}")

@@ -9,13 +9,17 @@ with the call that works instead.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from torch import nn
 
 from .errors import DistributedError, UnsupportedModuleError
 
 SHARDED_SAVE = (
-    "On a sharded model call lora_inject.distributed.save_adapter(model, folder) on every rank (it gathers the "
-    "shards to rank 0 and writes there), or lora_inject.distributed.gather_adapter_state(model) for the full tensors."
+    "On a sharded model (FSDP, DeepSpeed ZeRO-3) call lora_inject.distributed.save_adapter(model, folder) on every "
+    "rank (it gathers the adapter to rank 0 and writes there), or lora_inject.distributed.gather_adapter_state(model) "
+    "for the full tensors."
 )
 SHARDED_LOAD = (
     "On a sharded model call lora_inject.distributed.load_adapter_weights(model, folder) on every rank (each rank "
@@ -50,15 +54,90 @@ def _is_sharded(param: nn.Parameter) -> bool:
     return type(param).__name__ == "DTensor" or type(getattr(param, "data", None)).__name__ == "DTensor"
 
 
-def check_not_distributed(model: nn.Module, action: str, offloaded_ok: bool = False) -> None:
+ZERO3_LOAD = (
+    "Inject the adapter before deepspeed.initialize (the same config), then call "
+    "lora_inject.distributed.load_adapter_weights(engine, folder) on every rank."
+)
+ZERO3_EXPORT = (
+    "Save the adapter with lora_inject.distributed.save_adapter(engine, folder) on every rank (it gathers only the "
+    "adapter) and merge on disk (`lora-inject merge BASE folder OUT`) or into a plain copy of the model."
+)
+
+
+def full_shape(tensor) -> tuple[int, ...]:
+    """A parameter's shape, also under DeepSpeed ZeRO-3, where each rank holds a ``(0,)`` placeholder and the
+    real shape is ``ds_shape``."""
+    shape = getattr(tensor, "ds_shape", None)
+    return tuple(shape) if shape is not None else tuple(tensor.shape)
+
+
+def full_numel(tensor) -> int:
+    numel = getattr(tensor, "ds_numel", None)
+    return int(numel) if numel is not None else tensor.numel()
+
+
+def is_zero3(param) -> bool:
+    """Managed by DeepSpeed ZeRO-3 (built under ``zero.Init`` or converted by ``deepspeed.initialize``)."""
+    return hasattr(param, "ds_id") and hasattr(param, "ds_status")
+
+
+def is_partitioned(param) -> bool:
+    """A ZeRO-3 parameter not gathered right now: this rank holds a slice, the tensor itself is empty."""
+    return is_zero3(param) and param.ds_status.name != "AVAILABLE"
+
+
+def deepspeed_engine_attached(model: nn.Module) -> bool:
+    """``deepspeed.initialize`` has hooked this model (ZeRO-3 marks every module it manages)."""
+    return any(hasattr(m, "ds_grads_remaining") for m in model.modules())
+
+
+@contextlib.contextmanager
+def zero3_injection(model: nn.Module, reads_base: bool) -> Iterator[None]:
+    """Create adapters on a model built under ``deepspeed.zero.Init``: with the Init context's patches off, so
+    the factors are ordinary tensors initialised as anywhere else (``deepspeed.initialize`` partitions them from
+    rank 0's values), and, where the init reads or rewrites base weights (DoRA, PiSSA/OLoRA), with those
+    gathered (rank 0's result kept)."""
+    params = [p for p in model.parameters() if is_zero3(p)]
+    if not params:
+        yield
+        return
+    import deepspeed
+    from deepspeed.runtime.zero import partition_parameters
+
+    partition_parameters.shutdown_init_context()
+    try:
+        if reads_base:
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                yield
+        else:
+            yield
+    finally:
+        partition_parameters.restore_init_context()
+
+
+def check_not_distributed(model: nn.Module, action: str, offloaded_ok: bool = False, zero3_ok: bool = False,
+                          zero3_alternative: str = ZERO3_EXPORT) -> None:
     """Raise if ``model`` is already wrapped by DDP/FSDP or holds sharded (DTensor) parameters.
 
     Injecting after wrapping raises no error in torch but the new parameters are not
     synchronised: ranks drift apart. Inject first, then wrap. Offloaded models are refused too (see
-    :func:`check_not_offloaded`) unless ``offloaded_ok`` (taking adapters out reads no weight).
+    :func:`check_not_offloaded`) unless ``offloaded_ok`` (taking adapters out reads no weight). DeepSpeed ZeRO-3
+    models are refused unless ``zero3_ok`` (inject, before ``deepspeed.initialize``), saying ``zero3_alternative``.
     """
     if not offloaded_ok:
         check_not_offloaded(model, action)
+    zero3 = next((n for n, p in model.named_parameters() if is_zero3(p)), None)
+    if zero3 is not None and not zero3_ok:
+        raise DistributedError(
+            f"Cannot {action}: parameter {zero3!r} is partitioned by DeepSpeed ZeRO-3; a change made to gathered "
+            f"weights is lost when DeepSpeed partitions them again. {zero3_alternative}"
+        )
+    if deepspeed_engine_attached(model):
+        raise DistributedError(
+            f"Cannot {action}: deepspeed.initialize has already taken this model over; its optimizer holds the "
+            f"parameters it was given and would never train (or save) what is added now. {action.capitalize()} "
+            "before deepspeed.initialize (under deepspeed.zero.Init too), then initialize."
+        )
     for path, module in model.named_modules():
         kind = _wrapper_kind(module)
         if kind:
@@ -116,4 +195,9 @@ def check_not_sharded(model: nn.Module, action: str, alternative: str = SHARDED_
             raise DistributedError(
                 f"Cannot {action}: parameter {name!r} is sharded (DTensor), so this rank holds only a slice of it. "
                 + alternative
+            )
+        if is_partitioned(param):
+            raise DistributedError(
+                f"Cannot {action}: parameter {name!r} is partitioned by DeepSpeed ZeRO-3 (this rank holds an empty "
+                f"placeholder; the full shape is {full_shape(param)}). " + alternative
             )

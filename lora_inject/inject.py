@@ -13,8 +13,9 @@ from torch import nn
 
 from .config import TASK_HEADS, LoraConfig, foreign_config, unknown_field_message
 from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError
-from .guards import check_not_distributed, unwrap
+from .guards import check_not_distributed, unwrap, zero3_injection
 from .layers import ADAPTER_MODULES, LoraLayer, ModulesToSave, TrainableTokens
+from .layers.principal import is_principal_init
 from .quantized.registry import logical_numel, prepare_quantized_layers
 from .targeting.plan import Plan, resolve
 
@@ -133,12 +134,13 @@ def inject(
     parameters (plus biases and ``modules_to_save`` as configured) require grad, and the
     new adapter is the active one; a ``peft.LoraConfig(inference_mode=True)`` leaves it frozen, as in PEFT.
     """
-    check_not_distributed(model, "inject adapters")
+    check_not_distributed(model, "inject adapters", zero3_ok=True)
     check_adapter_name(adapter)
     inner = unwrap(model)
     frozen = getattr(config, "inference_mode", False) is True  # PEFT's field; ours has no such field
     config = _config_from(inner, config, overrides)
-    inject_resolved(inner, _resolve(inner, config, adapter), config, adapter)
+    with zero3_injection(inner, reads_base=config.dora or is_principal_init(config.init)):
+        inject_resolved(inner, _resolve(inner, config, adapter), config, adapter)
     if frozen:
         inner.requires_grad_(False)
     return model

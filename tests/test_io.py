@@ -406,3 +406,21 @@ def test_killed_save_leaves_previous_adapter_intact(tmp_path):
     assert final == before
     model = li.load_adapter(tiny_llama(), folder)  # and it still loads
     assert len(list(li.lora_layers(model))) == 2
+
+
+def test_saved_files_get_the_umasks_permissions_new_folder_or_existing(tmp_path):
+    """safetensors writes its file 0600 (atomically, through a private temporary file): a checkpoint shared
+    with other users must stay readable."""
+    import stat
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    li.inject(model, targets=["0"], r=2)
+    (tmp_path / "existing").mkdir()
+    old = os.umask(0o022)
+    try:
+        for folder in (tmp_path / "new", tmp_path / "existing"):
+            li.save_adapter(model, folder)
+            for name in ("adapter_model.safetensors", "adapter_config.json"):
+                assert stat.S_IMODE((folder / name).stat().st_mode) == 0o644, (folder, name)
+    finally:
+        os.umask(old)

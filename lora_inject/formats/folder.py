@@ -95,6 +95,7 @@ def _create_whole(directory: Path, files: Mapping[str, Callable[[str], object]])
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would make the adapter unreadable to others
         for name, write in files.items():
             write(str(staging / name))
+            _readable(staging / name)
             _fsync(staging / name)
         _fsync(staging)
         try:
@@ -133,6 +134,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _readable(path: str | os.PathLike) -> None:
+    """The umask's permissions: mkstemp, and safetensors' own atomic write, leave files 0600 (unreadable to the
+    other users of a shared checkpoint folder)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -162,6 +171,7 @@ def _written_tmp(directory: Path, final_name: str, write: Callable[[str], object
     os.close(fd)
     try:
         write(tmp)
+        _readable(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
     except BaseException:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import AdapterFileError, LoraInjectError, preview
-from ..guards import SHARDED_LOAD, check_not_distributed, check_not_sharded, unwrap
+from ..guards import SHARDED_LOAD, ZERO3_LOAD, check_not_distributed, check_not_sharded, full_shape, unwrap
 from ..inject import (
     _require_adapter,
     adapter_configs,
@@ -72,7 +72,7 @@ def _expected(model: nn.Module, resolved: Plan, config: LoraConfig) -> tuple[dic
     required: dict[str, tuple[tuple[int, ...], tuple]] = {}
     optional: dict[str, tuple[tuple[int, ...], tuple]] = {}
     for path, module in embedding_modules(model):
-        optional[f"{path}.weight"] = (tuple(module.weight.shape), ("carried", path, module.weight))
+        optional[f"{path}.weight"] = (full_shape(module.weight), ("carried", path, module.weight))
     for layer in resolved.layers:
         wrapper = resolved.wrappers[layer.path]
         for suffix, shape in wrapper.adapter_shapes(layer.r, config.dora, config.lora_bias).items():
@@ -82,20 +82,20 @@ def _expected(model: nn.Module, resolved: Plan, config: LoraConfig) -> tuple[dic
         base = wrapper.base_layer
         optional.pop(f"{layer.path}.weight", None)
         if isinstance(getattr(base, "weight", None), torch.Tensor):  # (nn.MultiheadAttention has none)
-            optional[f"{layer.path}.base_layer.weight"] = (tuple(base.weight.shape),
+            optional[f"{layer.path}.base_layer.weight"] = (full_shape(base.weight),
                                                            ("carried", layer.path, base.weight))
         if config.bias != "none" and isinstance(getattr(base, "bias", None), torch.Tensor):
-            optional[f"{layer.path}.base_layer.bias"] = (tuple(base.bias.shape), ("tensor", base.bias))
+            optional[f"{layer.path}.base_layer.bias"] = (full_shape(base.bias), ("tensor", base.bias))
     for path in resolved.modules_to_save:
         module = model.get_submodule(path)
         original = getattr(module, "original_module", module)
         for key, value in original.state_dict(keep_vars=True).items():
-            required[f"{path}.{key}"] = (tuple(value.shape), ("save", path, key))
+            required[f"{path}.{key}"] = (full_shape(value), ("save", path, key))
             if config.bias == "all" and key.rpartition(".")[2] == "bias":
                 # PEFT's bias="all" also writes every bias under its wrapper name: the copy's (the same
                 # tensor as above) and the original module's (used while adapters are disabled)
-                optional[f"{path}.modules_to_save.{key}"] = (tuple(value.shape), ("save", path, key))
-                optional[f"{path}.original_module.{key}"] = (tuple(value.shape), ("tensor", value))
+                optional[f"{path}.modules_to_save.{key}"] = (full_shape(value), ("save", path, key))
+                optional[f"{path}.original_module.{key}"] = (full_shape(value), ("tensor", value))
     for token in resolved.tokens:
         if token.tied_to is None:
             shape = (len(token.ids), token.weight_shape[1])
@@ -104,7 +104,7 @@ def _expected(model: nn.Module, resolved: Plan, config: LoraConfig) -> tuple[dic
         for path, module, wrapper in logical_modules(model):
             bias = getattr(module, "bias", None)
             if isinstance(bias, torch.Tensor) and wrapper is None and path not in resolved.wrappers:
-                optional[f"{path}.bias"] = (tuple(bias.shape), ("tensor", bias))
+                optional[f"{path}.bias"] = (full_shape(bias), ("tensor", bias))
     return required, optional
 
 
@@ -307,7 +307,7 @@ def load_adapter(
     training); call ``model.requires_grad_(False)`` for inference.
     """
     check_adapter_name(adapter)
-    check_not_distributed(model, "load an adapter")
+    check_not_distributed(model, "load an adapter", zero3_alternative=ZERO3_LOAD)
     given, model = model, unwrap(model)
     require_new_adapter(model, adapter)
     path = adapter_folder(source, revision=revision, subfolder=subfolder, **hub_kwargs)

@@ -1,4 +1,4 @@
-"""torch.distributed helpers: same init on every rank, FSDP1 wrapping, FSDP2 save and load.
+"""torch.distributed helpers: same init on every rank, FSDP1 wrapping, FSDP2 and DeepSpeed ZeRO-3 save and load.
 
 Order that trains right: build the model, ``inject`` (before any wrapping: adapters added
 after DDP/FSDP wrapping are not synchronised and ranks drift apart; ``inject`` refuses a
@@ -21,6 +21,7 @@ from ..errors import DistributedError
 from ..formats.load import checked_tensors_for_existing
 from ..formats.peft_config import disk_key
 from ..formats.save import adapter_tensors, write_adapter
+from ..guards import is_zero3
 from ..inject import _require_adapter, adapter_state
 from ..layers import LoraLayer, ModulesToSave
 from ..layers.linear import Factor
@@ -77,12 +78,41 @@ def _mark_trainable_units(model: nn.Module) -> None:
 _FSDP1_PREFIX = "_fsdp_wrapped_module."
 
 
-def gather_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full (unsharded) trainable tensors of a DDP/FSDP1/FSDP2 model, on CPU, on rank 0 (empty elsewhere).
+def _inner(model: nn.Module) -> nn.Module:
+    """The model inside DDP, FSDP1 and DeepSpeed engines (each keeps it in ``.module``)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
 
-    Keys are those of the unwrapped model. A collective: every rank must call it.
+
+def _adapter_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """Every tensor an adapter save takes (trainable ones, factors, modules_to_save copies), by name."""
+    return {n: p for n, p in module.named_parameters()
+            if p.requires_grad or ".lora_" in n or ".modules_to_save." in n or ".token_adapter." in n}
+
+
+def _gather_zero3(module: nn.Module) -> dict[str, torch.Tensor]:
+    """ZeRO-3: gather the adapter's parameters only (never the base), copy them to CPU on rank 0."""
+    import deepspeed
+
+    params = _adapter_parameters(module)
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+        if dist.get_rank() != 0:
+            return {}
+        return {name: p.detach().to("cpu").clone() for name, p in params.items()}
+
+
+def gather_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) trainable tensors of a DDP/FSDP1/FSDP2/DeepSpeed ZeRO-3 model, on CPU, on rank 0 (empty
+    elsewhere). Under ZeRO-3 only the adapter's parameters are gathered, never the base weights.
+
+    Keys are those of the unwrapped model. A collective: every rank must call it. A DeepSpeed engine or the
+    module inside it may be given.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if any(is_zero3(p) for p in _inner(model).parameters()):
+        return _gather_zero3(_inner(model))
 
     if any(isinstance(m, FSDP) for m in model.modules()):
         # FSDP1 with use_orig_params=False: the generic state-dict API trips over flat parameters
@@ -108,9 +138,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
     collective. PEFT's ``save_pretrained`` fails on FSDP2 models; this writes the same
     files as :func:`lora_inject.save_adapter`.
     """
-    module = model
-    while hasattr(module, "module") and isinstance(module.module, nn.Module):  # DDP and FSDP1 wrap in .module
-        module = module.module
+    module = _inner(model)
     _require_adapter(module, adapter)
     state = gather_adapter_state(model)
     distributed = dist.is_initialized() and dist.get_world_size() > 1
@@ -151,11 +179,26 @@ def load_adapter_weights(
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    tensors, _, _ = checked_tensors_for_existing(model, directory, adapter, strict)
-    by_disk_key = {disk_key(k, adapter): k for k in adapter_state(model, adapter)}
+    module = _inner(model)
+    tensors, _, _ = checked_tensors_for_existing(module, directory, adapter, strict)
+    by_disk_key = {disk_key(k, adapter): k for k in adapter_state(module, adapter)}
     state = {by_disk_key[k]: v for k, v in tensors.items() if k in by_disk_key}
+    if any(is_zero3(p) for p in module.parameters()):
+        _load_zero3(module, state)
+        return model
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
     return model
+
+
+def _load_zero3(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """ZeRO-3: gather the adapter's parameters, write the file's values (rank 0's are kept), partition again."""
+    import deepspeed
+
+    params = dict(module.named_parameters())
+    targets = [params[name] for name in state]
+    with deepspeed.zero.GatheredParameters(targets, modifier_rank=0), torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor.to(params[name].dtype))
 
 
 __all__ = [

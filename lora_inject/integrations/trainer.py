@@ -12,7 +12,9 @@ from ..errors import ConfigError
 from ..formats.load import load_adapter_weights
 from ..formats.peft import CONFIG_NAME
 from ..formats.save import save_adapter
+from ..guards import is_zero3
 from ..inject import _STATE_ATTR, active_adapters
+from .distributed import save_adapter as save_adapter_distributed
 
 
 class AdapterTrainer(transformers.Trainer):
@@ -22,6 +24,13 @@ class AdapterTrainer(transformers.Trainer):
     format) instead of a full ``model.safetensors``; ``train(resume_from_checkpoint=...)`` and
     ``load_best_model_at_end`` read them back into the injected adapter.
     """
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        inner = _zero3_adapter_model(self)
+        if inner is None:
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        return _save_zero3_adapters(self, output_dir, {self._adapter_name(): output_dir})
 
     def _adapter_name(self) -> str:
         active = active_adapters(self.model)
@@ -68,6 +77,27 @@ def _adapter_checkpoint(trainer: transformers.Trainer, model: nn.Module | None, 
     return (inner, saved) if saved else None
 
 
+def _zero3_adapter_model(trainer: transformers.Trainer) -> nn.Module | None:
+    """The injected model when the Trainer runs it under DeepSpeed ZeRO-3 (its weights partitioned), else None."""
+    if not getattr(trainer, "is_deepspeed_enabled", False):
+        return None
+    inner = trainer.accelerator.unwrap_model(trainer.model)
+    if getattr(inner, _STATE_ATTR, None) and any(is_zero3(p) for p in inner.parameters()):
+        return inner
+    return None
+
+
+def _save_zero3_adapters(trainer: transformers.Trainer, output_dir: str, folders: dict[str, str]) -> None:
+    """``{adapter: folder}`` saved gathering only the adapters' parameters (every rank takes part, rank 0
+    writes): whatever ``stage3_gather_16bit_weights_on_model_save`` says, and without the base on rank 0."""
+    for name, folder in folders.items():
+        save_adapter_distributed(trainer.model_wrapped, folder, adapter=name)
+    if trainer.args.should_save:
+        if trainer.processing_class is not None:
+            trainer.processing_class.save_pretrained(output_dir)
+        torch.save(trainer.args, os.path.join(output_dir, transformers.trainer.TRAINING_ARGS_NAME))
+
+
 def adapter_checkpoints_for_plain_trainer() -> None:
     """Teach ``transformers.Trainer`` itself to resume from (``train(resume_from_checkpoint=...)``) and load the
     best (``load_best_model_at_end``) adapter-only checkpoints, which an injected model's ``save_pretrained``
@@ -77,6 +107,15 @@ def adapter_checkpoints_for_plain_trainer() -> None:
     if getattr(trainer_class._load_from_checkpoint, "reads_lora_inject", False):
         return
     load_checkpoint, load_best = trainer_class._load_from_checkpoint, trainer_class._load_best_model
+    save_model = trainer_class.save_model
+
+    def _save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        inner = _zero3_adapter_model(self)
+        if inner is None:
+            return save_model(self, output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        layout = {n: output_dir if n == "default" else os.path.join(output_dir, n) for n in getattr(inner, _STATE_ATTR)}
+        return _save_zero3_adapters(self, output_dir, layout)  # as the injected model's save_pretrained lays out
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         found = _adapter_checkpoint(self, model, resume_from_checkpoint)
@@ -98,4 +137,5 @@ def adapter_checkpoints_for_plain_trainer() -> None:
 
     _load_from_checkpoint.reads_lora_inject = True
     trainer_class._load_from_checkpoint = _load_from_checkpoint
+    trainer_class.save_model = _save_model
     trainer_class._load_best_model = _load_best_model

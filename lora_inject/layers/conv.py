@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModuleError
+from ..guards import full_shape
 from .base import LoraLayer
 from .dora import DoraEntry
 from .fused import autocast_enabled, hooks_on
@@ -55,7 +56,7 @@ class LoraConv(LoraLayer):
                 f"(B is grouped like the base, as PEFT lays it out); got r={r}. Pick r as a multiple of {groups}, "
                 "e.g. with rank_pattern, or leave this conv out."
             )
-        kernel = tuple(self.base_layer.weight.shape[2:])
+        kernel = full_shape(self.base_layer.weight)[2:]
         ones = (1,) * len(kernel)
         return {
             "lora_A.weight": (r, self.in_features, *kernel), "lora_B.weight": (self.out_features, r // groups, *ones)

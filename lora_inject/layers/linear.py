@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.compiler import is_compiling
 
+from ..guards import full_shape
 from .base import LoraLayer, resize_parameter
 from .dora import DoraEntry
 from .dropout import dropped_projection
@@ -325,7 +326,7 @@ class LoraConv1D(LoraLinear):
             allow_direct(kind, transposed=True)  # its forward is x @ W + b, nothing else
 
     def _io_features(self) -> tuple[int, int]:
-        in_features, out_features = self.base_layer.weight.shape
+        in_features, out_features = full_shape(self.base_layer.weight)
         return in_features, out_features
 
     def _dora_rows(self, weight: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModuleError
+from ..guards import full_numel, full_shape
 
 
 @dataclass(frozen=True)
@@ -214,14 +215,14 @@ def logical_numel(param: torch.Tensor) -> int:
     """Elements ``param`` stands for: a packed 4-bit weight counts its unpacked size (as PEFT counts it)."""
     reader = _BY_PACKAGE.get(type(param).__module__.partition(".")[0])
     kind = reader(param) if reader is not None else None
-    return math.prod(kind.logical_shape(param)) if kind is not None else param.numel()
+    return math.prod(kind.logical_shape(param)) if kind is not None else full_numel(param)
 
 
 def logical_weight_shape(module: nn.Module) -> tuple[int, ...]:
     """The weight's shape as the layer computes with it: (out, in) for a quantized Linear, however stored."""
     kind = quantized_kind(module)
     if kind is None:
-        return tuple(module.weight.shape)
+        return full_shape(module.weight)
     if isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int):
         return module.out_features, module.in_features
     return kind.logical_shape(module.weight)

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import AdapterExistsError, ConfigError, TargetNotFoundError, UnsupportedModuleError
+from ..guards import full_shape
 from ..layers import ADAPTER_MODULES, LoraLayer, wrap
 from ..layers.parameter import LoraParameter
 from ..layers.principal import is_principal_init
@@ -263,7 +264,7 @@ def _with_parameters(plan: Plan, walked, config: LoraConfig, adapter: str) -> Pl
         r = config.rank_for(target.key)
         added = sum(math.prod(s) for s in wrapper.adapter_shapes(r).values())
         plan.layers.append(PlannedLayer(
-            target.path, f"{type(wrapper.owner).__name__}.{wrapper.parameter_name}", tuple(wrapper.base_weight.shape),
+            target.path, f"{type(wrapper.owner).__name__}.{wrapper.parameter_name}", full_shape(wrapper.base_weight),
             r, config.alpha_for(target.key), config.scale_for(target.key), added, key=target.key,
         ))
         plan.wrappers[target.path] = wrapper
@@ -272,7 +273,7 @@ def _with_parameters(plan: Plan, walked, config: LoraConfig, adapter: str) -> Pl
 
 def _planned(path: str, module: nn.Module, wrapper: LoraLayer, config: LoraConfig) -> PlannedLayer:
     r = config.rank_for(path)
-    shape = logical_weight_shape(module) if quantized_kind(module) else tuple(wrapper.base_weight.shape)
+    shape = logical_weight_shape(module) if quantized_kind(module) else full_shape(wrapper.base_weight)
     added = sum(math.prod(s) for s in wrapper.adapter_shapes(r, config.dora, config.lora_bias).values())
     kind = quantized_kind(module)
     return PlannedLayer(
