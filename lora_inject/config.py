@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, Union
 
 import torch
@@ -295,16 +295,21 @@ def exact_config(template: LoraConfig, ranks: Mapping[str, int], scales: Mapping
     alphas = {p: float(scales[p]) * ranks[p] for p in ranks}
     r = max(set(ranks.values()), key=list(ranks.values()).count)
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
-    # A pattern key matches paths that end with it (PEFT's rule): a path that is the tail of another ("proj_out",
-    # "blocks.0.proj_out") is anchored with "^" so it keeps to its own module.
-    tails = {p.split(".", i)[-1] for p in ranks for i in range(1, p.count(".") + 1)}
-
-    def key(path: str) -> str:
-        return ("^" if path in tails else "") + re.escape(path)
-
+    key = exact_pattern_keys(ranks)
     return template.replace(
         r=r, alpha=alpha, rslora=False, init=True, exclude=None, layers=None, layers_pattern=None,
         targets=[f"re:{re.escape(p)}" for p in ranks],
-        rank_pattern={key(p): k for p, k in ranks.items() if k != r},
-        alpha_pattern={key(p): a for p, a in alphas.items() if a != alpha},
+        rank_pattern={key[p]: k for p, k in ranks.items() if k != r},
+        alpha_pattern={key[p]: a for p, a in alphas.items() if a != alpha},
     )
+
+
+def exact_pattern_keys(paths: Iterable[str]) -> dict[str, str]:
+    """``{path: rank/alpha pattern key that matches exactly that path}``. A key matches every path that ends
+    with it (PEFT's rule): a path that is the tail of another ("proj_out" and "blocks.0.proj_out") is anchored
+    with "^" so it keeps to its own module; PEFT reads the anchored key the same way."""
+    import re
+
+    paths = list(paths)
+    tails = {p.split(".", i)[-1] for p in paths for i in range(1, p.count(".") + 1)}
+    return {p: ("^" if p in tails else "") + re.escape(p) for p in paths}

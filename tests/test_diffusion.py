@@ -446,3 +446,97 @@ def test_flux_kohya_export_fuses_bfl_pairs_exactly_and_diffusers_reads_it(tmp_pa
     theirs.transformer, theirs.text_encoder = copy.deepcopy(plain), clip()
     theirs.load_lora_weights(str(tmp_path / "blocks.safetensors"))
     assert_same(flux_out(theirs.transformer), flux_out(blocks), 1e-6)
+
+
+def test_weights_are_a_runtime_scale_zero_and_negative_included_and_never_saved(tmp_path):
+    pipe = pipeline()
+    plain = copy.deepcopy(pipe.unet)
+    file = File(pipe.unet)
+    for path in leaves(pipe.unet)[::3]:
+        file.add("lora_unet_" + path.replace(".", "_"), [path], alpha=2)
+    path = file.save(tmp_path / "a.safetensors")
+    base, full = unet_out(plain), unet_out(file.merged)
+    inverted = copy.deepcopy(plain)
+    with torch.no_grad():
+        for mine, original, merged in zip(inverted.parameters(), plain.parameters(), file.merged.parameters()):
+            mine.copy_(2 * original - merged)  # W - delta
+    li.diffusers.load_lora(pipe, path, adapter="a", weight=-1.0)
+    assert_same(unet_out(pipe.unet), unet_out(inverted))
+    li.diffusers.set_weights(pipe, {"a": 0.0})
+    assert_same(unet_out(pipe.unet), base)
+    li.diffusers.set_weights(pipe, {"a": 0.5})
+    out = li.diffusers.save_lora(pipe, tmp_path / "saved.safetensors", adapter="a")
+    again = pipeline()
+    li.diffusers.load_lora(again, out)  # the file's own alphas: weight 1
+    assert_same(unet_out(again.unet), full)
+    li.diffusers.merge(pipe)
+    with pytest.raises(li.ConfigError, match="unmerge before"):
+        li.diffusers.set_weights(pipe, {"a": 1.0})
+    with pytest.raises(li.ConfigError, match="finite"):
+        li.diffusers.load_lora(pipeline(), path, weight=float("nan"))
+
+
+def test_alphas_that_are_not_positive_are_refused_by_key(tmp_path):
+    unet = sd_unet()
+    file = File(unet)
+    file.add("lora_unet_conv_in", ["conv_in"], alpha=2)
+    file.add("lora_unet_conv_out", ["conv_out"], alpha=0)
+    with pytest.raises(li.AdapterFileError, match="lora_unet_conv_out.alpha"):
+        li.load_adapter(unet, file.save(tmp_path / "a.safetensors"))
+    assert li.adapter_configs(unet) == {}
+
+
+def test_diffusers_metadata_patterns_under_transformers4_text_encoder_paths(tmp_path):
+    import json
+
+    model = clip()
+    file = File(model)
+    for path in leaves(model, nn.Linear)[:4]:
+        file.add("text_encoder." + "text_model." + path, [path], rank=2, suffixes=(".lora_A.weight", ".lora_B.weight"))
+    q = leaves(model, nn.Linear)[2]  # its pattern names it under text_model.: alpha 8, the rest 4
+    for path in leaves(model, nn.Linear)[:4]:
+        down = file.tensors[f"text_encoder.text_model.{path}.lora_A.weight"]
+        up = file.tensors[f"text_encoder.text_model.{path}.lora_B.weight"]
+        file.modules[path].weight.data += ((8 if path == q else 4) / 2 - 1) * (up @ down)
+    metadata = {"text_encoder.r": 2, "text_encoder.lora_alpha": 4, "text_encoder.alpha_pattern": {f"text_model.{q}": 8}}
+    li.load_adapter(model, file.save(tmp_path / "te.safetensors", {"lora_adapter_metadata": json.dumps(metadata)}))
+    assert_same(clip_out(model), clip_out(file.merged))
+
+
+def test_t5_text_encoders_use_kohyas_te3_names_both_ways(tmp_path):
+    config = transformers.T5Config(vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    torch.manual_seed(0)
+    t5 = transformers.T5EncoderModel(config).eval()
+    pipe = types.SimpleNamespace(transformer=flux(), text_encoder=clip(), text_encoder_2=t5)
+    li.inject(pipe.text_encoder_2, targets=["q", "v"], r=2, init=False)
+    li.inject(pipe.text_encoder, targets=["q_proj"], r=2, init=False)
+    out = li.diffusers.save_lora(pipe, tmp_path / "flux.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(out, "pt") as f:
+        prefixes = {k.split("_text_model_")[0].split("_encoder_")[0] for k in f.keys()}
+    assert prefixes == {"lora_te1", "lora_te3"}
+    torch.manual_seed(0)
+    t5_again = transformers.T5EncoderModel(config).eval()
+    fresh = types.SimpleNamespace(transformer=flux(), text_encoder=clip(), text_encoder_2=t5_again)
+    li.diffusers.load_lora(fresh, out)
+    ids = torch.tensor([[1, 5, 7]])
+    with torch.no_grad():
+        assert_same(fresh.text_encoder_2(ids).last_hidden_state, pipe.text_encoder_2(ids).last_hidden_state, 1e-6)
+    alone = transformers.T5EncoderModel(config).eval()
+    with pytest.warns(UserWarning, match="left out"):
+        li.load_adapter(alone, out, strict=False)  # its own keys load; CLIP's are left out by name
+    assert len(li.adapter_configs(alone)["default"].targets) == 2
+
+
+def test_an_up_factor_of_the_wrong_kind_is_left_out_by_name(tmp_path):
+    unet = sd_unet()
+    file = File(unet)
+    file.add("lora_unet_conv_in", ["conv_in"], alpha=2)
+    name = "lora_unet_time_embedding_linear_1"
+    file.tensors[f"{name}.lora_down.weight"] = torch.zeros(2, 32)
+    file.tensors[f"{name}.lora_up.weight"] = torch.zeros(128, 2, 3, 3)  # a Linear given a 3x3 up
+    path = file.save(tmp_path / "a.safetensors")
+    with pytest.warns(UserWarning, match="do not fit the module's weight"):
+        li.load_adapter(unet, path, strict=False)
+    assert_same(unet_out(unet), unet_out(file.merged))

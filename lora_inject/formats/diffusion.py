@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import LoraConfig, exact_config
 from ..errors import AdapterFileError, ExportError, preview
+from ..targeting.matching import first_pattern_match
 from ..version import __version__
 from .adapter import Adapter
 from .diffusion_names import (
@@ -118,13 +119,17 @@ def key_kind(key: str) -> tuple[str, str]:
     return key, "not a LoRA factor name this library reads (XLabs, control LoRAs and full weights are not)"
 
 
-def _scale(group: dict, rank: int, path: str, config: dict | None) -> float:
+def _scale(group: dict, rank: int, paths: list[str], config: dict | None) -> float:
+    """``alpha / rank`` (NaN where the alpha is not one positive finite number); ``paths``: the module's path
+    and the other names a config's patterns may use for it (transformers 4's ``text_model.`` level)."""
     if "alpha" in group:
         alpha = group["alpha"][1]
-        return float(alpha.reshape(-1)[0]) / rank if alpha.numel() == 1 else math.nan
+        value = float(alpha.reshape(-1)[0]) if alpha.numel() == 1 else math.nan
+        return value / rank if math.isfinite(value) and value > 0 else math.nan
     if config:
-        pattern_config = LoraConfig(r=rank, alpha=float(config.get("lora_alpha", rank)),
-                                    alpha_pattern=config.get("alpha_pattern") or {})
+        patterns = config.get("alpha_pattern") or {}
+        path = next((p for p in paths if first_pattern_match(patterns, p) is not None), paths[0])
+        pattern_config = LoraConfig(r=rank, alpha=float(config.get("lora_alpha", rank)), alpha_pattern=patterns)
         alpha = pattern_config.alpha_for(path)
         return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
     return 1.0
@@ -138,7 +143,8 @@ def _fitted(a: torch.Tensor, b: torch.Tensor, module: nn.Module) -> tuple[torch.
     elif weight.dim() == 4 and a.dim() == 2 and weight.shape[2:] == (1, 1):
         a, b = a[:, :, None, None], b[:, :, None, None]
     expected_a = (a.shape[0], weight.shape[1], *weight.shape[2:])
-    if a.dim() != weight.dim() or tuple(a.shape) != expected_a or b.shape[:2] != (weight.shape[0], a.shape[0]):
+    expected_b = (weight.shape[0], a.shape[0], *([1] * (weight.dim() - 2)))
+    if a.dim() != weight.dim() or tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
         return (f"factors {tuple(a.shape)} / {tuple(b.shape)} do not fit the module's weight {tuple(weight.shape)} "
                 "(a file for another model?)")
     return a, b
@@ -168,7 +174,7 @@ def place(adapter: Adapter, model: nn.Module) -> Adapter:
         else:
             unplaced[key] = kind
     tensors, ranks, scales, owner = {}, {}, {}, {}
-    weight = float(adapter.notes.get("weight", 1.0))
+    clip_text = getattr(getattr(model, "config", None), "model_type", None) == "clip_text_model"
     for name, group in groups.items():
         keys = [key for key, _ in group.values()]
         key_role, rest = split_role(name)
@@ -189,11 +195,13 @@ def place(adapter: Adapter, model: nn.Module) -> Adapter:
         for p, (a, b) in fitted:
             tensors[f"{p.path}.lora_A.weight"], tensors[f"{p.path}.lora_B.weight"] = a, b
             ranks[p.path] = a.shape[0]
-            scales[p.path] = _scale(group, a.shape[0], p.path, adapter.notes["metadata"].get(key_role)) * weight
+            names = [p.path, *([f"text_model.{p.path}"] if clip_text else [])]
+            scales[p.path] = _scale(group, a.shape[0], names, adapter.notes["metadata"].get(key_role))
             owner[p.path] = name
-    nan = [k for k, s in scales.items() if not math.isfinite(s)]
+    nan = [owner[k] + ".alpha" for k, s in scales.items() if not math.isfinite(s)]
     if nan:
-        raise AdapterFileError(f"{adapter.source}: alphas that are not one finite number for {preview(nan)}.")
+        raise AdapterFileError(f"{adapter.source}: alphas that are not one positive finite number: "
+                               f"{preview(set(nan))}. The file is damaged or was written for other software.")
     config = exact_config(LoraConfig(), ranks, scales) if ranks else LoraConfig(targets=[])
     return adapter.with_(config=config, tensors=tensors, notes={**adapter.notes, "unplaced": unplaced, "placed": True})
 
@@ -213,7 +221,8 @@ def _why_not(role: str, key_role: str, placements, group: dict, rest: str) -> st
 
 def kohya_name(path: str, model: nn.Module, role: str) -> str:
     """The kohya name of a module: the component's prefix and the (transformers-4) path with underscores."""
-    prefix = {"denoiser": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}[role]
+    prefix = {"denoiser": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_",
+              "text_encoder_t5": "lora_te3_"}[role]
     if getattr(getattr(model, "config", None), "model_type", None) == "clip_text_model":
         path = path if path.startswith("text_model.") else "text_model." + path
     return prefix + flat(path)

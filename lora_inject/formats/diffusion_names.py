@@ -28,6 +28,7 @@ ROLE_PREFIXES: dict[str, tuple[str, ...]] = {
                  "unet."),
     "text_encoder": ("lora_te1_", "lora_te_", "text_encoder."),
     "text_encoder_2": ("lora_te2_", "text_encoder_2."),
+    "text_encoder_t5": ("lora_te3_",),  # Flux's and SD3's T5 in kohya/ComfyUI files
 }
 _ALL_PREFIXES = sorted(((p, role) for role, ps in ROLE_PREFIXES.items() for p in ps), key=lambda x: -len(x[0]))
 
@@ -58,11 +59,14 @@ def split_role(lora_name: str) -> tuple[str, str]:
 
 
 def role_of(model: nn.Module) -> str:
-    """Which component of a pipeline ``model`` is: by class, as diffusers pipelines use them (SD/SDXL/Flux)."""
+    """Which component of a pipeline ``model`` is, by class, as diffusers pipelines use them: CLIP-L the first
+    text encoder (SD, SDXL, Flux), CLIP-G with projection SDXL's second, T5 Flux's/SD3's (kohya's ``lora_te3_``)."""
     name = type(model).__name__
     if name == "CLIPTextModelWithProjection":
         return "text_encoder_2"
-    if name.startswith(("CLIPTextModel", "T5EncoderModel")):
+    if name.startswith("T5EncoderModel"):
+        return "text_encoder_t5"
+    if name.startswith("CLIPTextModel"):
         return "text_encoder"
     return "denoiser"
 

@@ -18,7 +18,6 @@ config names exactly what the file holds, so saving writes the transformers-5 fo
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import LoraConfig
+from ..config import LoraConfig, exact_pattern_keys
 from ..errors import AdapterFileError
 from ..layers import wrapper_for
 from ..quantized.registry import quantized_kind
@@ -253,12 +252,13 @@ def _config(model: nn.Module, config: LoraConfig, modules: dict, parameters: dic
     r = config.r if config.r in ranks else ranks.most_common(1)[0][0]
     alphas = Counter(a for _, a in everything.values())
     alpha = config.alpha if config.alpha in alphas else alphas.most_common(1)[0][0]
+    key = exact_pattern_keys(everything)
     return config.replace(
         targets=_module_targets(model, sorted(modules)) or None,
         target_parameters=_parameter_targets(model, sorted(parameters)) or None,
         layers=None, layers_pattern=None, exclude=None, r=r, alpha=alpha,
-        rank_pattern={re.escape(k): v for k, (v, _) in everything.items() if v != r},
-        alpha_pattern={re.escape(k): a for k, (_, a) in everything.items() if a != alpha},
+        rank_pattern={key[k]: v for k, (v, _) in everything.items() if v != r},
+        alpha_pattern={key[k]: a for k, (_, a) in everything.items() if a != alpha},
     )
 
 

@@ -17,36 +17,37 @@ attributes.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
+from collections.abc import Mapping
 
 from torch import nn
 
-from ..errors import AdapterFileError, preview
+from ..errors import AdapterFileError, ConfigError, preview
 from ..formats.diffusion import key_kind, kohya_tensors, place
-from ..formats.diffusion_names import split_role
+from ..formats.diffusion_names import role_of, split_role
 from ..formats.folder import safetensors_writer, write_atomically
 from ..formats.load import load_read_adapter, refuse_or_warn_unplaced
 from ..formats.registry import read_adapter
 from ..guards import unwrap
-from ..inject import active_adapters, adapter_configs, delete_adapter, set_adapter
+from ..inject import active_adapters, adapter_configs, delete_adapter, lora_layers, set_adapter
 from ..merging import merge as _merge
 from ..merging import unload as _unload
 from ..merging import unmerge as _unmerge
 
-COMPONENTS = {"denoiser": ("unet", "transformer"), "text_encoder": ("text_encoder",),
-              "text_encoder_2": ("text_encoder_2",)}
+ATTRIBUTES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def components(pipe) -> dict[str, tuple[str, nn.Module]]:
-    """``{role: (attribute, module)}`` for the pipeline's parts a LoRA file can address."""
-    found = {}
-    for role, attributes in COMPONENTS.items():
-        for attribute in attributes:
-            module = getattr(pipe, attribute, None)
-            if isinstance(module, nn.Module):
-                found[role] = (attribute, unwrap(module))
-                break
+    """``{role: (attribute, module)}`` for the pipeline's parts a LoRA file can address; a text encoder's role
+    follows its class (SDXL's ``text_encoder_2`` is CLIP-G, Flux's is T5: their files name them differently)."""
+    found: dict[str, tuple[str, nn.Module]] = {}
+    for attribute in ATTRIBUTES:
+        module = getattr(pipe, attribute, None)
+        if isinstance(module, nn.Module):
+            role = "denoiser" if attribute in ("unet", "transformer") else role_of(module)
+            found.setdefault(role, (attribute, unwrap(module)))
     return found
 
 
@@ -76,15 +77,43 @@ def load_lora(pipe, path: str | os.PathLike, adapter: str = "default", weight: f
     present = components(pipe)
     parts, orphans = _split(read, present)
     placed = {}
+    _check_weight(weight)
     for role, tensors in parts.items():
-        notes = {**read.notes, "role": role, "weight": weight}
+        notes = {**read.notes, "role": role}
         placed[role] = place(read.with_(tensors=tensors, notes=notes), present[role][1])
         orphans.update(placed[role].notes["unplaced"])
     everything = read.with_(tensors={k: v for p in placed.values() for k, v in p.tensors.items()},
                             notes={"unplaced": orphans})
     refuse_or_warn_unplaced(everything, strict)
     _load_all(placed, present, adapter)
+    if weight != 1.0:
+        set_weights(pipe, {adapter: weight})
     return pipe
+
+
+def _check_weight(weight: float) -> None:
+    if not (isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)):
+        raise ConfigError(f"weight must be a finite number (negative inverts the adapter); got {weight!r}.")
+
+
+def set_weights(pipe, weights: Mapping[str, float]) -> None:
+    """Run each named adapter at ``weight`` times its own scale (diffusers' ``set_adapters(names, weights)``;
+    0 switches it off, negative inverts it). A runtime setting: saved files keep the adapter's own alphas.
+    Refused for an adapter that is merged (unmerge first)."""
+    for weight in weights.values():
+        _check_weight(weight)
+    for _, model in components(pipe).values():
+        configs = adapter_configs(model)
+        layers = list(lora_layers(model))
+        merged = [(p, n) for p, layer in layers for n in weights if n in layer.merged_adapters]
+        if merged:
+            raise ConfigError(f"Adapter {merged[0][1]!r} is merged into {merged[0][0]}; unmerge before changing its "
+                              "weight.")
+        for path, layer in layers:
+            for name, weight in weights.items():
+                if name in layer.scaling:
+                    layer.scaling[name] = configs[name].scale_for(path) * float(weight)
+            layer._refresh_running()  # the forward's precomputed (factors, scale) per running adapter
 
 
 def _load_all(placed: dict, present: dict, adapter: str) -> None:
@@ -143,7 +172,7 @@ def save_lora(pipe, path: str | os.PathLike, adapter: str = "default", *, dtype=
             continue
         found = Adapter(adapter_configs(model)[adapter], adapter_tensors(model, adapter), f"{role} adapter", "kohya")
         part = kohya_tensors(found, model, role, dtype)
-        if role == "text_encoder" and "text_encoder_2" in present:  # SDXL: the first of two text encoders
+        if role == "text_encoder" and sum(r.startswith("text_encoder") for r in present) > 1:  # SDXL, Flux: te1
             part = {"lora_te1_" + k.removeprefix("lora_te_"): v for k, v in part.items()}
         tensors.update(part)
     if not tensors:
