@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lora_inject"
 RANKS = {
     "lora_inject.errors": 0,
     "lora_inject.version": 0,
-    "lora_inject.guards": 1,
+    "lora_inject.guards": 0.5,  # uses errors only; quantized and everything above read shapes through it
     "lora_inject.quantized": 1,  # the package's __init__ re-exports the registry only
     "lora_inject.quantized.registry": 1,
     "lora_inject.layers": 2,
