@@ -87,12 +87,13 @@ def is_partitioned(param) -> bool:
 
 
 def deepspeed_engine_attached(model: nn.Module) -> bool:
-    """``deepspeed.initialize`` has hooked this model (ZeRO-3 marks every module it manages)."""
-    return any(hasattr(m, "ds_grads_remaining") for m in model.modules())
+    """``deepspeed.initialize`` has taken this model over with ZeRO-3: it numbers every module it hooks
+    (``ds_id`` on modules; ``zero.Init`` marks parameters only)."""
+    return any(hasattr(m, "ds_id") or hasattr(m, "ds_grads_remaining") for m in model.modules())
 
 
 @contextlib.contextmanager
-def zero3_injection(model: nn.Module, reads_base: bool) -> Iterator[None]:
+def zero3_injection(model: nn.Module, reads_base: bool, copies_modules: bool = False) -> Iterator[None]:
     """Create adapters on a model built under ``deepspeed.zero.Init``: with the Init context's patches off, so
     the factors are ordinary tensors initialised as anywhere else (``deepspeed.initialize`` partitions them from
     rank 0's values), and, where the init reads or rewrites base weights (DoRA, PiSSA/OLoRA), with those
@@ -101,6 +102,12 @@ def zero3_injection(model: nn.Module, reads_base: bool) -> Iterator[None]:
     if not params:
         yield
         return
+    if copies_modules:
+        raise DistributedError(
+            "Cannot inject modules_to_save or trainable tokens into a model partitioned by DeepSpeed ZeRO-3: their "
+            "trained copies would be made from empty placeholders. Target those modules with LoRA instead, or "
+            "build the model outside deepspeed.zero.Init."
+        )
     import deepspeed
     from deepspeed.runtime.zero import partition_parameters
 

@@ -139,17 +139,20 @@ def inject(
     inner = unwrap(model)
     frozen = getattr(config, "inference_mode", False) is True  # PEFT's field; ours has no such field
     config = _config_from(inner, config, overrides)
-    with zero3_injection(inner, reads_base=config.dora or is_principal_init(config.init)):
+    with zero3_injection(inner, reads_base=config.dora or is_principal_init(config.init),
+                         copies_modules=bool(config.modules_to_save or config.trainable_tokens)):
         inject_resolved(inner, _resolve(inner, config, adapter), config, adapter)
     if frozen:
         inner.requires_grad_(False)
     return model
 
 
-def inject_resolved(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str) -> nn.Module:
-    """Apply a plan made by :func:`lora_inject.plan.resolve` for this model, config and adapter."""
+def inject_resolved(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str,
+                    fill_later: bool = False) -> nn.Module:
+    """Apply a plan made by :func:`lora_inject.plan.resolve` for this model, config and adapter. ``fill_later``:
+    the factors are left as allocated, not initialised (a loader writes every one of them next)."""
     first_adapter = not getattr(model, _STATE_ATTR, None)
-    touched = _apply(model, resolved, config, adapter)
+    touched = _apply(model, resolved, config, adapter, fill_later)
     model.requires_grad_(False)
     _config_record(model).update({adapter: config})
     if first_adapter:  # nothing else to deactivate: skip walking the whole model again
@@ -175,7 +178,8 @@ def _inherit_training_flag(modules: Iterable[nn.Module]) -> None:
                 child.train(base.training)
 
 
-def _apply(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str) -> list[nn.Module]:
+def _apply(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str,
+           fill_later: bool = False) -> list[nn.Module]:
     """Attach wrappers and create weights; on any failure undo what was done. Returns the modules extended."""
     attached: list[tuple[str, nn.Module]] = []  # (path, what was there before)
     extended: list[nn.Module] = []
@@ -183,7 +187,8 @@ def _apply(model: nn.Module, resolved: Plan, config: LoraConfig, adapter: str) -
         for layer in resolved.layers:
             wrapper = resolved.wrappers[layer.path]
             wrapper.add_adapter(
-                adapter, layer.r, layer.alpha, layer.scale, config.dropout, config.init, config.adapter_dtype,
+                adapter, layer.r, layer.alpha, layer.scale, config.dropout, None if fill_later else config.init,
+                config.adapter_dtype,
                 dora=config.dora, lora_bias=config.lora_bias,
             )
             extended.append(wrapper)

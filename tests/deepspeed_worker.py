@@ -27,6 +27,7 @@ CONFIG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_att
               vocab_size=100, max_position_embeddings=64)
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 2,
+    "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told; the one-process reference does not clip
     "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
     "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
                                               "torch_adam": True}},
@@ -46,9 +47,26 @@ def model(**inject) -> LlamaForCausalLM:
     return li.inject(built, **{**INJECT, **inject})
 
 
-def engine_for(module):
+def engine_for(module, stage: int = 3, lr: float = LR):
     params = [p for p in module.parameters() if p.requires_grad]
-    return deepspeed.initialize(model=module, model_parameters=params, config=DS_CONFIG)[0]
+    config = {**DS_CONFIG, "zero_optimization": {**DS_CONFIG["zero_optimization"], "stage": stage}}
+    config["optimizer"] = {**config["optimizer"], "params": {**config["optimizer"]["params"], "lr": lr}}
+    return deepspeed.initialize(model=module, model_parameters=params, config=config)[0]
+
+
+def step(engine, index: int, rank: int) -> None:
+    ids = batch(index, rank)
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+
+
+def resumed(saved: str, out: str, rank: int, stage: int = 3, **inject) -> None:
+    """A fresh model (other factors) takes the saved weights back, then one step at lr=0: what it saves must be
+    the file again (the optimizer's own float32 copies must have taken the file's values too)."""
+    fresh = engine_for(model(init=False, **inject), stage=stage, lr=0.0)
+    li.distributed.load_adapter_weights(fresh, saved)
+    step(fresh, 0, rank)
+    li.distributed.save_adapter(fresh, out)
 
 
 def refusals(module) -> dict[str, str]:
@@ -73,19 +91,38 @@ def refusals(module) -> dict[str, str]:
 
 
 def train(out: str, rank: int) -> dict:
+    untouched = engine_for(model())
+    try:  # initialize hooks the model before any forward: adding an adapter now must be refused too
+        li.inject(untouched.module, targets=["k_proj"], adapter="late")
+        early = "no error"
+    except li.DistributedError as error:
+        early = str(error)
     engine = engine_for(model())
-    for step in range(STEPS):
-        ids = batch(step, rank)
-        engine.backward(engine(input_ids=ids, labels=ids).loss)
-        engine.step()
-    result = {"trainable": li.trainable_parameters(engine.module),
-              "plan": str(li.plan(engine.module, adapter="probe", **INJECT)), "refusals": refusals(engine.module)}
+    for index in range(STEPS):
+        step(engine, index, rank)
+    result = {"trainable": li.trainable_parameters(engine.module), "early_inject": early,
+              "plan": str(li.plan(engine.module, adapter="probe", **INJECT)),
+              "plan_dora": str(li.plan(engine.module, adapter="probe", dora=True, **INJECT)),
+              "refusals": refusals(engine.module)}
     li.distributed.save_adapter(engine, os.path.join(out, "trained"))
-    # resume: a fresh model (other factors) takes the saved weights back, partitioned, on every rank
-    fresh = engine_for(model(init=False))
-    li.distributed.load_adapter_weights(fresh, os.path.join(out, "trained"))
-    li.distributed.save_adapter(fresh.module, os.path.join(out, "resumed"))
+    resumed(os.path.join(out, "trained"), os.path.join(out, "resumed"), rank)
+    dora = engine_for(model(dora=True))
+    step(dora, 0, rank)
+    li.distributed.save_adapter(dora, os.path.join(out, "dora"))
+    resumed(os.path.join(out, "dora"), os.path.join(out, "dora-resumed"), rank, dora=True)
     return result
+
+
+def stage2(out: str, rank: int) -> dict:
+    """ZeRO-2: weights whole on every rank (li.save_adapter works on the module); resume through the engine."""
+    engine = engine_for(model(), stage=2)
+    for index in range(STEPS):
+        step(engine, index, rank)
+    if rank == 0:
+        li.save_adapter(engine.module, os.path.join(out, "trained"))
+    dist.barrier()
+    resumed(os.path.join(out, "trained"), os.path.join(out, "resumed"), rank, stage=2)
+    return {"stage2": "saved"}
 
 
 def zero_init(out: str, rank: int) -> dict:
@@ -101,6 +138,14 @@ def zero_init(out: str, rank: int) -> dict:
         with deepspeed.zero.GatheredParameters([weight]):
             results[name] = weight.detach().norm(dim=1).tolist()  # DoRA's magnitudes start as these row norms
     results["pissa"] = _pissa_under_zero_init()
+    with deepspeed.zero.Init(config_dict_or_path=DS_CONFIG):
+        torch.manual_seed(0)
+        built = LlamaForCausalLM(LlamaConfig(**CONFIG))
+        try:
+            li.inject(built, targets=["q_proj"], modules_to_save=["lm_head"])
+            results["modules_to_save"] = "no error"
+        except li.DistributedError as error:
+            results["modules_to_save"] = str(error) + f" | adapters left: {li.adapter_configs(built)}"
     return results
 
 
@@ -130,10 +175,12 @@ def trainer(out: str, rank: int) -> dict:
     rows = [{"input_ids": batch(step, r)[i].tolist(), "labels": batch(step, r)[i].tolist()}
             for step in range(STEPS) for r in range(2) for i in range(2)]
     for name, cls in (("plain", Trainer), ("adapter", AdapterTrainer)):
+        # checkpoints every step, the best one (lowest eval loss) loaded back at the end: through the engine
         args = TrainingArguments(os.path.join(out, f"run-{name}"), per_device_train_batch_size=2, max_steps=STEPS,
-                                 learning_rate=LR, report_to=[], save_strategy="no", use_cpu=True,
-                                 deepspeed={**DS_CONFIG, "train_micro_batch_size_per_gpu": "auto"})
-        run = cls(model=model(), args=args, train_dataset=rows)
+                                 learning_rate=LR, report_to=[], use_cpu=True, eval_strategy="steps", eval_steps=1,
+                                 save_strategy="steps", save_steps=1, load_best_model_at_end=True,
+                                 max_grad_norm=0.0, deepspeed={**DS_CONFIG, "train_micro_batch_size_per_gpu": "auto"})
+        run = cls(model=model(), args=args, train_dataset=rows, eval_dataset=rows[:4])
         run.train()
         run.save_model(os.path.join(out, f"trainer-{name}"))
         li.distributed.save_adapter(run.model_wrapped, os.path.join(out, f"direct-{name}"))
@@ -144,7 +191,7 @@ if __name__ == "__main__":
     scenario, out = sys.argv[1], sys.argv[2]
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
-    result = {"train": train, "zero_init": zero_init, "trainer": trainer}[scenario](out, rank)
+    result = {"train": train, "stage2": stage2, "zero_init": zero_init, "trainer": trainer}[scenario](out, rank)
     if rank == 0:
         with open(os.path.join(out, "result.json"), "w") as handle:
             json.dump(result, handle)

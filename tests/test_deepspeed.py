@@ -83,11 +83,23 @@ def test_the_saved_adapter_loads_here_and_in_peft_to_equal_outputs(trained):
     torch.testing.assert_close(_outputs(theirs), _outputs(ours), rtol=0, atol=1e-6)
 
 
-def test_resume_puts_the_saved_weights_back_into_a_partitioned_model(trained):
+@pytest.mark.parametrize("name", ["trained", "dora"])
+def test_resume_puts_the_saved_weights_back_optimizer_copies_included(trained, name):
+    """Loaded into a fresh engine, then one step at lr=0: still the file (DeepSpeed's float32 copies took it)."""
     _, out = trained
-    saved, resumed = li.read_adapter_tensors(out / "trained"), li.read_adapter_tensors(out / "resumed")
+    saved = li.read_adapter_tensors(out / name)
+    resumed = li.read_adapter_tensors(out / ("dora-resumed" if name == "dora" else "resumed"))
     assert sorted(saved) == sorted(resumed)
     assert all(torch.equal(saved[k], resumed[k]) for k in saved)
+
+
+def test_zero2_resume_through_the_engine(tmp_path):
+    _launch("stage2", tmp_path)
+    saved, resumed = li.read_adapter_tensors(tmp_path / "trained"), li.read_adapter_tensors(tmp_path / "resumed")
+    assert sorted(saved) == sorted(resumed) and all(torch.equal(saved[k], resumed[k]) for k in saved)
+    reference = li.formats.save.adapter_tensors(_single_process_training())
+    for key, tensor in reference.items():
+        torch.testing.assert_close(saved[key], tensor, rtol=0, atol=1e-5, msg=key)
 
 
 def test_counts_and_plans_read_the_partitioned_shapes(trained):
@@ -95,7 +107,9 @@ def test_counts_and_plans_read_the_partitioned_shapes(trained):
     reference = worker.model()
     assert result["trainable"] == list(li.trainable_parameters(reference))
     assert result["plan"] == str(li.plan(reference, adapter="probe", **worker.INJECT))
+    assert result["plan_dora"] == str(li.plan(reference, adapter="probe", dora=True, **worker.INJECT))
     assert "32x32" in result["plan"]
+    assert "deepspeed.initialize has already taken this model over" in result["early_inject"]
 
 
 @pytest.mark.parametrize("call,says", [
@@ -126,6 +140,8 @@ def test_inject_under_zero_init_initialises_every_factor_as_outside_it(tmp_path)
     torch.testing.assert_close(magnitude, torch.tensor(norms["dora"]), rtol=1e-6, atol=0)
     assert magnitude.min() > 0
     assert norms["pissa"] < 1e-5  # residual + principal part == the original weight, partitioned
+    assert "Cannot inject modules_to_save" in norms["modules_to_save"]
+    assert norms["modules_to_save"].endswith("adapters left: {}")
 
 
 def test_trainers_save_the_whole_adapter_whatever_the_gather_setting(tmp_path):

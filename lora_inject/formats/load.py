@@ -31,6 +31,7 @@ from ..inject import (
 from ..layers import ModulesToSave, TrainableTokens
 from ..layers.attention import LoraMultiheadAttention
 from ..layers.parameter import LoraParameter
+from ..layers.principal import is_principal_init
 from ..targeting.plan import Plan, PlannedLayer, logical_modules, resolve
 from ..targeting.tokens import TokenTarget
 from .adapter import Adapter
@@ -334,10 +335,12 @@ def load_read_adapter(model: nn.Module, read: Adapter, adapter: str, strict: boo
     _warn_doubled_out_proj(resolved, tensors, found)
     required, optional = _expected(model, resolved, config)
     _check_tensors(model, tensors, required, optional, config, strict, found.source)
+    # every factor comes from the file: allocate, do not initialise (PiSSA/OLoRA also rewrite the base weight)
+    fill_later = not set(required) - set(tensors) and not is_principal_init(config.init)
     with restored_on_failure(model):
-        inject_resolved(model, resolved, config, adapter)
+        inject_resolved(model, resolved, config, adapter, fill_later=fill_later)
         try:
-            _copy_in(model, tensors, {**optional, **required}, adapter)
+            _copy_in(model, tensors, {**optional, **required}, adapter, new_adapter=True)
         except BaseException:
             delete_adapter(model, adapter)
             raise
@@ -354,23 +357,27 @@ def _destination(model: nn.Module, target: tuple, adapter: str) -> torch.Tensor:
     return target[2] if kind == "carried" else target[1]
 
 
-def _copy_in(model: nn.Module, tensors: dict, targets: dict, adapter: str) -> None:
+def _copy_in(model: nn.Module, tensors: dict, targets: dict, adapter: str, new_adapter: bool = False) -> None:
     """Copy every tensor of the file into its place, all or nothing: dtypes are checked before any write, and a
-    failure while writing puts back what was written (one destination's copy kept at a time as it goes)."""
+    failure while writing puts back what was written (one destination's copy kept at a time as it goes; for a
+    ``new_adapter``, which the caller deletes on failure, only what lives outside it: base weights, biases)."""
     writes = [(_destination(model, target, adapter), tensors[key]) for key, (_, target) in targets.items()
               if key in tensors]
+    outside = [target[0] in ("carried", "tensor") or not new_adapter for key, (_, target) in targets.items()
+               if key in tensors]
     odd = [str(value.dtype) for _, value in writes if not (value.is_floating_point() and not value.is_complex())]
     if odd:  # read_adapter refuses these already; a caller handing tensors in directly must not half-write
         raise AdapterFileError(f"tensors that are not floating point ({', '.join(sorted(set(odd)))}); nothing written.")
-    kept: list[torch.Tensor] = []  # each destination's values, taken just before it is overwritten
+    kept: list[torch.Tensor | None] = []  # each destination's values, taken just before it is overwritten
     with torch.no_grad():
         try:
-            for param, value in writes:
-                kept.append(param.detach().clone())
+            for (param, value), backup in zip(writes, outside):
+                kept.append(param.detach().clone() if backup else None)
                 param.data.copy_(value)
         except BaseException:
             for (param, _), old in zip(writes, kept):
-                param.data.copy_(old)
+                if old is not None:
+                    param.data.copy_(old)
             raise
     for key, (_, target) in targets.items():
         if key in tensors and target[0] == "carried":  # a full base weight in the file travels on when saved again

@@ -21,7 +21,7 @@ from ..errors import DistributedError
 from ..formats.load import checked_tensors_for_existing
 from ..formats.peft_config import disk_key
 from ..formats.save import adapter_tensors, write_adapter
-from ..guards import is_zero3
+from ..guards import _wrapper_kind, is_zero3
 from ..inject import _require_adapter, adapter_state
 from ..layers import LoraLayer, ModulesToSave
 from ..layers.linear import Factor
@@ -86,9 +86,11 @@ def _inner(model: nn.Module) -> nn.Module:
 
 
 def _adapter_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
-    """Every tensor an adapter save takes (trainable ones, factors, modules_to_save copies), by name."""
-    return {n: p for n, p in module.named_parameters()
-            if p.requires_grad or ".lora_" in n or ".modules_to_save." in n or ".token_adapter." in n}
+    """Every parameter an adapter save takes (each adapter's tensors, trained or frozen), by name."""
+    from ..inject import adapter_configs
+
+    wanted = {key for name in adapter_configs(module) for key in adapter_state(module, name)}
+    return {n: p for n, p in module.named_parameters() if n in wanted or p.requires_grad}
 
 
 def _gather_zero3(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -171,11 +173,12 @@ def _raise_on_other_ranks_if_rank0_failed(failure: Exception | None) -> None:
 def load_adapter_weights(
     model: nn.Module, directory: str | os.PathLike, adapter: str = "default", *, strict: bool = True
 ) -> nn.Module:
-    """Load an adapter folder's weights into adapter ``adapter`` of a sharded (FSDP2) model.
+    """Load an adapter folder's weights into adapter ``adapter`` of a sharded (FSDP2) or DeepSpeed model.
 
     The adapter must have been injected before sharding (same config). Keys and shapes are
     checked first, as in :func:`lora_inject.load_adapter`; then each rank takes its shards
-    through ``set_model_state_dict``. Every rank must call it.
+    through ``set_model_state_dict`` (DeepSpeed: its partitions, and the optimizer's float32 copies, so the
+    next step continues from the file). Every rank must call it.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -183,11 +186,29 @@ def load_adapter_weights(
     tensors, _, _ = checked_tensors_for_existing(module, directory, adapter, strict)
     by_disk_key = {disk_key(k, adapter): k for k in adapter_state(module, adapter)}
     state = {by_disk_key[k]: v for k, v in tensors.items() if k in by_disk_key}
+    params = dict(module.named_parameters())
     if any(is_zero3(p) for p in module.parameters()):
         _load_zero3(module, state)
+    elif model is not module and _wrapper_kind(model) == "DeepSpeed":  # ZeRO-1/2: every rank holds whole weights
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor.to(params[name].dtype))
+    else:
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
         return model
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    _set_optimizer_copies(params, state)
     return model
+
+
+def _set_optimizer_copies(params: dict, state: dict[str, torch.Tensor]) -> None:
+    """DeepSpeed's optimizer keeps its own float32 copy of each trained parameter (partitioned): it must take
+    the file's values too, or the next step starts from the old ones."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for name, tensor in state.items():
+        param = params[name]
+        if hasattr(param, "_z3_optimizer") or hasattr(param, "_hp_mapping"):
+            safe_set_full_fp32_param(param, tensor.to(torch.float32))
 
 
 def _load_zero3(module: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -14,6 +14,7 @@ from ..formats.peft import CONFIG_NAME
 from ..formats.save import save_adapter
 from ..guards import is_zero3
 from ..inject import _STATE_ATTR, active_adapters
+from .distributed import load_adapter_weights as load_adapter_weights_distributed
 from .distributed import save_adapter as save_adapter_distributed
 
 
@@ -50,10 +51,18 @@ class AdapterTrainer(transformers.Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        load_adapter_weights(model, resume_from_checkpoint, adapter=self._adapter_name())
+        _load_weights(self, model, resume_from_checkpoint, self._adapter_name())
 
     def _load_best_model(self) -> None:
-        load_adapter_weights(self.model, self.state.best_model_checkpoint, adapter=self._adapter_name())
+        _load_weights(self, self.model, self.state.best_model_checkpoint, self._adapter_name())
+
+
+def _load_weights(trainer: transformers.Trainer, model: nn.Module, folder: str, adapter: str) -> None:
+    """An adapter checkpoint back into ``model``; under DeepSpeed through the engine (every rank takes part)."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        load_adapter_weights_distributed(trainer.model_wrapped, folder, adapter=adapter)
+    else:
+        load_adapter_weights(model, folder, adapter=adapter)
 
 
 def _checkpoint_adapters(model: nn.Module, folder: str) -> list[tuple[str, str]]:
@@ -123,7 +132,7 @@ def adapter_checkpoints_for_plain_trainer() -> None:
             return load_checkpoint(self, resume_from_checkpoint, model)
         inner, saved = found
         for name, path in saved:
-            load_adapter_weights(inner, path, adapter=name)
+            _load_weights(self, inner, path, name)
         return None
 
     def _load_best_model(self) -> None:
@@ -132,7 +141,7 @@ def adapter_checkpoints_for_plain_trainer() -> None:
             return load_best(self)
         inner, saved = found
         for name, path in saved:
-            load_adapter_weights(inner, path, adapter=name)
+            _load_weights(self, inner, path, name)
         return None
 
     _load_from_checkpoint.reads_lora_inject = True

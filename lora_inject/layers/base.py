@@ -17,6 +17,7 @@ from torch import nn
 from torch.compiler import is_compiling
 
 from ..errors import AdapterExistsError, AdapterNotFoundError, MergeError, UnsupportedModuleError
+from ..guards import full_shape
 from ..quantized.registry import quantized_kind
 from .dora import DoraEntry, Magnitude, norm_dtype, row_norms, squared_row_norms
 
@@ -180,7 +181,7 @@ class LoraLayer(StandsIn):
         """:meth:`factor_shapes`, plus the magnitude vector (R,) of a DoRA adapter and B's bias (out,)."""
         shapes = self.factor_shapes(r)
         if dora:
-            shapes["lora_magnitude_vector"] = self._dora_magnitude_shape(self._dora_rows(self.base_weight).shape[0])
+            shapes["lora_magnitude_vector"] = self._dora_magnitude_shape(self._dora_row_count())
         if lora_bias:
             shapes["lora_B.bias"] = (shapes["lora_B.weight"][0],)
         return shapes
@@ -188,6 +189,10 @@ class LoraLayer(StandsIn):
     @property
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
+
+    def _dora_row_count(self) -> int:
+        """Rows of DoRA's layout of the base weight, from its full shape (a partitioned ZeRO-3 weight is empty)."""
+        return self._dora_rows(torch.empty(full_shape(self.base_weight), device="meta")).shape[0]
 
     # Code written for the plain module (transformers' tie_weights, resize_token_embeddings,
     # get_input_embeddings().weight) reads these; they are the base layer's.
@@ -215,7 +220,8 @@ class LoraLayer(StandsIn):
         dora: bool = False,
         lora_bias: bool = False,
     ) -> None:
-        """Create adapter ``name`` on the base weight's device; B (or A for embeddings) is zero.
+        """Create adapter ``name`` on the base weight's device; B (or A for embeddings) is zero (``init=None``:
+        left as allocated, for a loader that writes every factor next).
 
         With ``dora`` the adapter also gets a magnitude vector, initialised to the row norms of
         ``W + s * B @ A`` so that the layer starts exactly as the base.
@@ -232,10 +238,10 @@ class LoraLayer(StandsIn):
         if dora:
             if "lora_magnitude_vector" not in self._modules:
                 self.lora_magnitude_vector = nn.ModuleDict()
-            shape = self._dora_magnitude_shape(self._dora_rows(weight).shape[0])
+            shape = self._dora_magnitude_shape(self._dora_row_count())
             self.lora_magnitude_vector[name] = Magnitude(shape, norm_dtype(dtype), weight.device)
             self.use_dora[name] = True
-        if weight.device.type != "meta":
+        if weight.device.type != "meta" and init is not None:  # None: the caller fills every factor at once
             self.reset_adapter(name, init)
 
     def reset_adapter(self, name: str, init: bool | str = True) -> None:
