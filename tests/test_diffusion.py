@@ -540,3 +540,38 @@ def test_an_up_factor_of_the_wrong_kind_is_left_out_by_name(tmp_path):
     with pytest.warns(UserWarning, match="do not fit the module's weight"):
         li.load_adapter(unet, path, strict=False)
     assert_same(unet_out(unet), unet_out(file.merged))
+
+
+def test_fp16_merge_is_the_float32_merge_cast_once(tmp_path):
+    """Merging into a float16 UNet: each weight within 1 ulp of W + (alpha/r) up@down computed in float32
+    and cast once (diffusers' fuse in float16 rounds twice)."""
+    unet = sd_unet()
+    file = File(unet)
+    paths = [p for p in leaves(unet, nn.Linear) if ".attn" in p]
+    for i, path in enumerate(paths):
+        file.add("lora_unet_" + path.replace(".", "_"), [path], alpha=1 + i % 3)
+    half = unet.half()
+    before = {p: dict(half.named_modules())[p].weight.detach().clone() for p in paths}
+    li.load_adapter(half, file.save(tmp_path / "a.safetensors"))
+    li.merge(half)
+    modules = dict(half.named_modules())
+    for path in paths:
+        down = file.tensors["lora_unet_" + path.replace(".", "_") + ".lora_down.weight"]
+        up = file.tensors["lora_unet_" + path.replace(".", "_") + ".lora_up.weight"]
+        alpha = float(file.tensors["lora_unet_" + path.replace(".", "_") + ".alpha"])
+        expected = (before[path].float() + alpha / down.shape[0] * (up @ down)).half()
+        merged = modules[path].base_layer.weight.detach()
+        ulps = (merged.view(torch.int16).int() - expected.view(torch.int16).int()).abs().max()
+        assert ulps <= 1, path
+
+
+def test_a_text_encoder_file_with_only_some_projections_loads_them(tmp_path):
+    """diffusers 0.42.1 drops q_proj from a text-encoder file that has no out_proj; every key counts here."""
+    model = clip()
+    file = File(model)
+    q = [p for p in leaves(model, nn.Linear) if p.endswith("q_proj")]
+    for path in q:
+        file.add("lora_te_text_model_" + path.replace(".", "_"), [path], alpha=3)
+    li.load_adapter(model, file.save(tmp_path / "te.safetensors"))
+    assert sorted(li.adapter_configs(model)["default"].targets) == sorted(f"re:{re.escape(p)}" for p in q)
+    assert_same(clip_out(model), clip_out(file.merged))

@@ -271,10 +271,10 @@ def test_a_load_that_fails_while_copying_leaves_the_model_as_it_was(tmp_path, mo
 
     real = load._copy_in
 
-    def copy_then_fail(model_, tensors, targets, adapter):
+    def copy_then_fail(model_, tensors, targets, adapter, **options):
         monkeypatch.setattr(torch.Tensor, "copy_", copy_failing_third)
         try:
-            real(model_, tensors, targets, adapter)
+            real(model_, tensors, targets, adapter, **options)
         finally:
             monkeypatch.setattr(torch.Tensor, "copy_", real_copy)
         raise AssertionError("the copy should have failed")
