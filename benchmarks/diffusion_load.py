@@ -3,15 +3,17 @@
 An SDXL-sized UNet (2.6 B parameters, built on meta, then given uninitialised float16 storage) and a kohya file
 with SDXL's SGM names for the 722 attention/feed-forward/projection Linear layers of its 70 transformer blocks
 (rank 32 in float16: ~160 MiB, as community SDXL LoRAs are). Each load is timed alone (the unload after it is
-not), the three loaders interleaved in rotating order; ratios of medians.
+not), with Python's garbage collector held off during each load (a full collection lands on whichever load
+happens to trigger it), the three loaders interleaved in rotating order; ratios of medians.
 
     python benchmarks/diffusion_load.py            # ~2 minutes on 2 cores, ~6 GB of memory
-    python benchmarks/diffusion_load.py --rounds 5
+    python benchmarks/diffusion_load.py --rounds 5 --keep-heap   # no page faults from glibc returning freed heap
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -106,7 +108,13 @@ def loaders(unet, kohya_file: str, peft_folder: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--keep-heap", action="store_true", help="glibc keeps freed heap (see common.py)")
     args = parser.parse_args()
+    if args.keep_heap:
+        sys.path.insert(0, os.path.dirname(__file__))
+        from common import keep_freed_heap
+
+        keep_freed_heap()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     unet = sdxl_unet()
     with tempfile.TemporaryDirectory() as folder:
@@ -120,9 +128,12 @@ def main() -> None:
         for round_ in range(args.rounds + 1):  # the first round warms caches and is dropped
             for name in names[round_ % len(names):] + names[:round_ % len(names)]:
                 load, unload = fns[name]
+                gc.collect()
+                gc.disable()  # a full collection over the UNet's ~100k objects costs ~0.25 s wherever it lands
                 start = time.perf_counter()
                 load()
                 elapsed = time.perf_counter() - start
+                gc.enable()
                 unload()
                 if round_:
                     times[name].append(elapsed)
@@ -130,7 +141,8 @@ def main() -> None:
         reference = medians["diffusers load_lora_weights"]
         for name, seconds in medians.items():
             print(f"{name:30s} {seconds:7.2f} s   {seconds / reference:5.2f}x diffusers   "
-                  f"{seconds / medians['lora_inject (PEFT folder)']:5.2f}x PEFT folder")
+                  f"{seconds / medians['lora_inject (PEFT folder)']:5.2f}x PEFT folder   "
+                  f"(rounds: {', '.join(f'{t:.2f}' for t in times[name])})")
 
 
 if __name__ == "__main__":
