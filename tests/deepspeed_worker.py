@@ -174,16 +174,24 @@ def trainer(out: str, rank: int) -> dict:
 
     rows = [{"input_ids": batch(step, r)[i].tolist(), "labels": batch(step, r)[i].tolist()}
             for step in range(STEPS) for r in range(2) for i in range(2)]
-    for name, cls in (("plain", Trainer), ("adapter", AdapterTrainer)):
-        # checkpoints every step, the best one (lowest eval loss) loaded back at the end: through the engine
-        args = TrainingArguments(os.path.join(out, f"run-{name}"), per_device_train_batch_size=2, max_steps=STEPS,
-                                 learning_rate=LR, report_to=[], use_cpu=True, eval_strategy="steps", eval_steps=1,
-                                 save_strategy="steps", save_steps=1, load_best_model_at_end=True,
-                                 max_grad_norm=0.0, deepspeed={**DS_CONFIG, "train_micro_batch_size_per_gpu": "auto"})
-        run = cls(model=model(), args=args, train_dataset=rows, eval_dataset=rows[:4])
+    def arguments(name: str, **options) -> TrainingArguments:
+        return TrainingArguments(os.path.join(out, f"run-{name}"), per_device_train_batch_size=2, max_steps=STEPS,
+                                 learning_rate=LR, report_to=[], use_cpu=True, save_strategy="steps", save_steps=1,
+                                 max_grad_norm=0.0, deepspeed={**DS_CONFIG, "train_micro_batch_size_per_gpu": "auto"},
+                                 **options)
+
+    # plain Trainer: checkpoints every step, the best one (lowest eval loss) loaded back at the end
+    # AdapterTrainer: checkpoints every step; then a second run resumes from step 2 and finishes
+    runs = {"plain": (Trainer, dict(eval_strategy="steps", eval_steps=1, load_best_model_at_end=True)),
+            "adapter": (AdapterTrainer, {})}
+    for name, (cls, options) in runs.items():  # arguments made just before their Trainer (accelerate's state)
+        run = cls(model=model(), args=arguments(name, **options), train_dataset=rows, eval_dataset=rows[:4])
         run.train()
         run.save_model(os.path.join(out, f"trainer-{name}"))
         li.distributed.save_adapter(run.model_wrapped, os.path.join(out, f"direct-{name}"))
+    again = AdapterTrainer(model=model(init=False), args=arguments("adapter"), train_dataset=rows)
+    again.train(resume_from_checkpoint=os.path.join(out, "run-adapter", "checkpoint-2"))
+    again.save_model(os.path.join(out, "trainer-resumed"))
     return {"trainer": "saved"}
 
 

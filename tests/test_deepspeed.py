@@ -144,12 +144,19 @@ def test_inject_under_zero_init_initialises_every_factor_as_outside_it(tmp_path)
     assert norms["modules_to_save"].endswith("adapters left: {}")
 
 
-def test_trainers_save_the_whole_adapter_whatever_the_gather_setting(tmp_path):
+@pytest.fixture(scope="module")
+def trainers(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero3-trainer")
+    _launch("trainer", out)
+    return out
+
+
+def test_trainers_save_the_whole_adapter_whatever_the_gather_setting(trainers):
     """transformers' Trainer (plain, on an injected model) and AdapterTrainer, DeepSpeed's default
     stage3_gather_16bit_weights_on_model_save=false: save_model writes the adapter itself, complete."""
     import stat
 
-    _launch("trainer", tmp_path)
+    tmp_path = trainers
     expected_keys = sorted(li.formats.save.adapter_tensors(worker.model()))
     for name in ("plain", "adapter"):
         saved = li.read_adapter_tensors(tmp_path / f"trainer-{name}")
@@ -160,3 +167,14 @@ def test_trainers_save_the_whole_adapter_whatever_the_gather_setting(tmp_path):
                                torch.zeros_like(saved["model.layers.0.self_attn.q_proj.lora_B.weight"]))  # trained
         weights = tmp_path / f"trainer-{name}" / "adapter_model.safetensors"
         assert weights.stat().st_mode & stat.S_IROTH  # readable by others, as any saved file
+
+
+def test_trainer_resume_from_a_checkpoint_equals_straight_training(trainers):
+    """AdapterTrainer under ZeRO-3: 3 steps straight, against 2 steps, a checkpoint, and a fresh run resumed
+    from it (DeepSpeed's own checkpoint carries the optimizer state) for the last step."""
+    tmp_path = trainers
+    straight = li.read_adapter_tensors(tmp_path / "trainer-adapter")
+    resumed = li.read_adapter_tensors(tmp_path / "trainer-resumed")
+    assert sorted(straight) == sorted(resumed)
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=key)

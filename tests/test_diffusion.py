@@ -575,3 +575,21 @@ def test_a_text_encoder_file_with_only_some_projections_loads_them(tmp_path):
     li.load_adapter(model, file.save(tmp_path / "te.safetensors"))
     assert sorted(li.adapter_configs(model)["default"].targets) == sorted(f"re:{re.escape(p)}" for p in q)
     assert_same(clip_out(model), clip_out(file.merged))
+
+
+def test_one_model_saves_a_float16_kohya_file(tmp_path):
+    unet = sd_unet()
+    li.inject(unet, targets=["to_q", "conv1"], r=2, alpha=3, init=False)
+    out = li.diffusers.save_lora(unet, tmp_path / "u.safetensors", dtype=torch.float16)
+    from safetensors import safe_open
+
+    with safe_open(out, "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+        assert all(k.startswith("lora_unet_") for k in f.keys())
+    again = sd_unet()
+    li.load_adapter(again, out)
+    rounded = copy.deepcopy(unet)
+    for name, p in rounded.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.half().float()
+    assert_same(unet_out(again), unet_out(rounded), 1e-6)

@@ -161,11 +161,12 @@ def unload(pipe) -> None:
 
 def save_lora(pipe, path: str | os.PathLike, adapter: str = "default", *, dtype=None) -> str:
     """Write ``adapter`` of every component as one kohya file (``lora_unet_``, ``lora_te1_``/``lora_te_``,
-    ``lora_te2_``), each module with its real alpha; ``dtype=torch.float16`` halves the file."""
+    ``lora_te2_``, ``lora_te3_``), each module with its real alpha; ``dtype=torch.float16`` halves the file.
+    ``pipe`` may also be one model (a UNet, a Flux transformer, a text encoder)."""
     from ..formats.adapter import Adapter
     from ..formats.save import adapter_tensors
 
-    present = components(pipe)
+    present = {role_of(pipe): ("", unwrap(pipe))} if isinstance(pipe, nn.Module) else components(pipe)
     tensors = {}
     for role, (_, model) in present.items():
         if adapter not in adapter_configs(model):
