@@ -593,3 +593,25 @@ def test_one_model_saves_a_float16_kohya_file(tmp_path):
         if "lora_" in name:
             p.data = p.data.half().float()
     assert_same(unet_out(again), unet_out(rounded), 1e-6)
+
+
+def test_single_file_loras_by_hub_id_and_weight_name_offline(tmp_path, monkeypatch):
+    import huggingface_hub
+    from test_habits import _hub_cache
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    unet = sd_unet()
+    file = File(unet)
+    file.add("lora_unet_conv_in", ["conv_in"], alpha=2)
+    file.save(tmp_path / "style.safetensors")
+    save_file({"lora_unet_conv_out.lora_down.weight": torch.zeros(2, 32, 3, 3)}, str(tmp_path / "other.safetensors"))
+    cache = tmp_path / "cache"
+    _hub_cache(cache, "me/loras", [tmp_path / "style.safetensors", tmp_path / "other.safetensors"])
+    options = dict(weight_name="style.safetensors", cache_dir=str(cache), local_files_only=True)
+    li.load_adapter(unet, "me/loras", **options)
+    assert_same(unet_out(unet), unet_out(file.merged))
+    pipe = pipeline()
+    li.diffusers.load_lora(pipe, "me/loras", adapter="style", **options)
+    assert_same(unet_out(pipe.unet), unet_out(file.merged))
+    with pytest.raises(li.AdapterFileError, match="could not be read as a Hugging Face hub repo id"):
+        li.load_adapter(sd_unet(), "me/absent", **options)

@@ -4,7 +4,8 @@ A path that exists is used as it is. A name that looks like a path (absolute, ``
 more than one ``/``) but does not exist is an error saying so, never a hub lookup. Anything
 else is taken as a hub repo id and resolved through ``huggingface_hub.snapshot_download``
 (its cache, ``revision``, ``token``, and offline mode: ``HF_HUB_OFFLINE=1`` or
-``local_files_only=True`` read the cache only). Only the adapter's own files are fetched.
+``local_files_only=True`` read the cache only). Only the adapter's own files are fetched: PEFT's two, or the
+one ``weight_name`` (a single-file LoRA in a repo that holds several, as diffusers' ``weight_name``).
 """
 
 from __future__ import annotations
@@ -42,24 +43,28 @@ def adapter_folder(
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
     local_files_only: bool | None = None,
+    weight_name: str | None = None,
 ) -> Path:
-    """The local folder of the adapter ``name`` (a path, or a hub id fetched into the hub cache)."""
+    """The local folder of the adapter ``name`` (a path, or a hub id fetched into the hub cache); with
+    ``weight_name`` the one file of that name in it (a single-file diffusion LoRA, as diffusers names it)."""
     local = Path(os.fspath(name)).expanduser()
+    inside = [p for p in (subfolder, weight_name) if p]
     if local.exists():
-        return local / subfolder if subfolder else local
+        return local.joinpath(*inside)
     if looks_like_a_path(name):
         raise missing_path_error("adapter folder", name)
-    return Path(_download(os.fspath(name), revision, subfolder, cache_dir, token, local_files_only)) / (subfolder or "")
+    folder = _download(os.fspath(name), revision, subfolder, cache_dir, token, local_files_only, weight_name)
+    return Path(folder).joinpath(*inside)
 
 
-def _download(repo_id, revision, subfolder, cache_dir, token, local_files_only) -> str:
+def _download(repo_id, revision, subfolder, cache_dir, token, local_files_only, weight_name=None) -> str:
     from huggingface_hub import snapshot_download
 
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     try:
         return snapshot_download(
             repo_id, revision=revision, cache_dir=cache_dir, token=token, local_files_only=bool(local_files_only),
-            allow_patterns=[prefix + f for f in ADAPTER_FILES],
+            allow_patterns=[prefix + f for f in ((weight_name,) if weight_name else ADAPTER_FILES)],
         )
     except Exception as exc:  # huggingface_hub raises many kinds: invalid id, offline, 404, auth
         raise AdapterFileError(

@@ -302,7 +302,8 @@ def load_adapter(
 
     ``source`` is a file or folder in any registered format (read by the format that claims it), or a
     Hugging Face hub id (``org/name``, with ``revision``, ``subfolder`` and
-    ``cache_dir``/``token``/``local_files_only``) read through the hub cache.
+    ``cache_dir``/``token``/``local_files_only``; ``weight_name`` for a single-file diffusion LoRA in the repo)
+    read through the hub cache.
     Everything is read and checked first; on any error the model is left exactly as it was.
     The loaded adapter becomes the active one and its parameters require grad (to resume
     training); call ``model.requires_grad_(False)`` for inference.

@@ -28,6 +28,7 @@ from ..errors import AdapterFileError, ConfigError, preview
 from ..formats.diffusion import key_kind, kohya_tensors, place
 from ..formats.diffusion_names import role_of, split_role
 from ..formats.folder import safetensors_writer, write_atomically
+from ..formats.hub import adapter_folder
 from ..formats.load import load_read_adapter, refuse_or_warn_unplaced
 from ..formats.registry import read_adapter
 from ..guards import unwrap
@@ -66,11 +67,13 @@ def _split(read, present: dict) -> tuple[dict, dict]:
 
 
 def load_lora(pipe, path: str | os.PathLike, adapter: str = "default", weight: float = 1.0, *,
-              strict: bool = True):
+              strict: bool = True, **hub_kwargs):
     """Load a diffusion LoRA file into every component of ``pipe`` it addresses, as adapter ``adapter`` scaled
     by ``weight``; previously loaded adapters stay active alongside it. Every key is placed or refused by name
-    before anything changes (``strict=False``: load what fits, warn with the rest). Returns ``pipe``."""
-    read = read_adapter(path)
+    before anything changes (``strict=False``: load what fits, warn with the rest). ``path`` may be a hub id
+    with ``weight_name=`` (and ``revision``, ``subfolder``, ``cache_dir``, ``token``, ``local_files_only``).
+    Returns ``pipe``."""
+    read = read_adapter(adapter_folder(path, **hub_kwargs))
     if read.format != "kohya":
         raise AdapterFileError(f"{path} is {read.format!r} adapter of one model, not a diffusion LoRA file: load it "
                                "into its component, e.g. li.load_adapter(pipe.unet, path).")
