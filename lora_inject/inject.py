@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import TASK_HEADS, LoraConfig, foreign_config, unknown_field_message
 from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError
-from .guards import check_not_distributed, unwrap, zero3_injection
+from .guards import check_not_distributed, model_lock, unwrap, zero3_injection
 from .layers import ADAPTER_MODULES, LoraLayer, ModulesToSave, TrainableTokens
 from .layers.principal import is_principal_init
 from .quantized.registry import logical_numel, prepare_quantized_layers
@@ -318,15 +318,16 @@ def using_adapter(model: nn.Module, names: str | Iterable[str] | None) -> Iterat
     wanted = [] if names is None else ([names] if isinstance(names, str) else list(names))
     for name in wanted:
         _require_adapter(inner, name)
-    modules = [m for _, m in _adapter_modules(inner)]
-    before = [m.active_adapters for m in modules]
-    try:
-        for module in modules:
-            module.set_active(wanted, trainable=False)
-        yield model
-    finally:
-        for module, names_before in zip(modules, before):
-            module.set_active(names_before, trainable=False)
+    with model_lock(inner):  # another thread's block waits: it would otherwise run (and restore) our adapters
+        modules = [m for _, m in _adapter_modules(inner)]
+        before = [m.active_adapters for m in modules]
+        try:
+            for module in modules:
+                module.set_active(wanted, trainable=False)
+            yield model
+        finally:
+            for module, names_before in zip(modules, before):
+                module.set_active(names_before, trainable=False)
 
 
 @contextlib.contextmanager
@@ -389,21 +390,22 @@ def active_adapters(model: nn.Module) -> list[str]:
 @contextlib.contextmanager
 def disabled_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes as the base model (merged adapters are unmerged first)."""
-    modules = [m for _, m in _adapter_modules(unwrap(model))]
-    if any(m.__dict__.get("_routing") is not None for m in modules):
-        raise ConfigError("disabled_adapters inside batch_adapters: the per-row names would be ignored. Leave the "
-                          "batch_adapters block first, or give the rows that should run the base model None.")
-    merged = {id(m): list(m.merged_adapters) for m in modules}
-    for module in modules:
-        module.unmerge()
-        module.set_disabled(True)
-    try:
-        yield model
-    finally:
+    with model_lock(unwrap(model)):
+        modules = [m for _, m in _adapter_modules(unwrap(model))]
+        if any(m.__dict__.get("_routing") is not None for m in modules):
+            raise ConfigError("disabled_adapters inside batch_adapters: the per-row names would be ignored. Leave "
+                              "the batch_adapters block first, or give the rows that should run the base model None.")
+        merged = {id(m): list(m.merged_adapters) for m in modules}
         for module in modules:
-            module.set_disabled(False)
-            if merged.get(id(module)):
-                module.merge(merged[id(module)])
+            module.unmerge()
+            module.set_disabled(True)
+        try:
+            yield model
+        finally:
+            for module in modules:
+                module.set_disabled(False)
+                if merged.get(id(module)):
+                    module.merge(merged[id(module)])
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

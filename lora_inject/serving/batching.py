@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterNotFoundError, ConfigError, MergeError
-from ..guards import unwrap
+from ..guards import model_lock, unwrap
 from ..inject import _STATE_ATTR, _adapter_modules
 
 
@@ -100,6 +100,13 @@ def batch_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
     """
     inner = unwrap(model)
     _check_names(inner, names)
+    with model_lock(inner):  # blocks of other threads wait (they would see, and undo, this routing)
+        with _batch_adapters(model, inner, names) as entered:
+            yield entered
+
+
+@contextlib.contextmanager
+def _batch_adapters(model: nn.Module, inner: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     modules = [m for _, m in _adapter_modules(inner)]
     merged = sorted({n for m in modules for n in m.merged_adapters})
     if merged:

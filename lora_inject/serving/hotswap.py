@@ -20,7 +20,7 @@ from ..errors import AdapterFileError, ConfigError
 from ..formats.hub import adapter_folder
 from ..formats.registry import read_adapter
 from ..formats.validate import unpaired
-from ..guards import unwrap
+from ..guards import model_lock, unwrap
 from ..inject import _STATE_ATTR, _require_adapter, lora_layers
 from ..layers import LoraLayer
 from ..layers.parameter import LoraParameter
@@ -109,7 +109,7 @@ def hotswap_adapter(
                                "load_adapter instead.")
     layers = {p: m for p, m in lora_layers(inner) if adapter in m.r}
     writes = _planned_writes(layers, adapter, config, tensors, max_rank, str(folder))
-    with torch.no_grad():
+    with model_lock(inner), torch.no_grad():  # not while another thread's using/batch_adapters block runs
         for (a, b), (new_a, new_b) in writes:
             a.copy_(new_a)
             b.copy_(new_b)
