@@ -205,3 +205,8 @@ if __name__ == "__main__":
             json.dump(result, handle)
     dist.barrier()
     dist.destroy_process_group()
+    # gloo's worker threads can outlive destroy_process_group and abort the interpreter at exit (1-2.5% of runs,
+    # pytorch/pytorch#179291) after everything is written: leave without running that teardown
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
