@@ -196,8 +196,13 @@ def check_not_sharded(model: nn.Module, action: str, alternative: str = SHARDED_
     so reading whole adapter tensors from it would fail or write slices. DDP replicas are whole: allowed."""
     for path, module in model.named_modules():
         kind = _wrapper_kind(module)
-        if kind in ("FSDP", "DeepSpeed"):
-            where = f" at {path!r}" if path else ""
+        where = f" at {path!r}" if path else ""
+        if kind == "DeepSpeed":
+            raise DistributedError(
+                f"Cannot {action}: this is a DeepSpeed engine{where}, not the model. With ZeRO-1/2 the weights are "
+                f"whole on every rank: pass engine.module. With ZeRO-3 (partitioned weights): {alternative}"
+            )
+        if kind == "FSDP":
             raise DistributedError(f"Cannot {action}: the model is sharded by {kind}{where}. {alternative}")
     for name, param in model.named_parameters():
         if _is_sharded(param):

@@ -105,6 +105,13 @@ def train(out: str, rank: int) -> dict:
               "plan_dora": str(li.plan(engine.module, adapter="probe", dora=True, **INJECT)),
               "refusals": refusals(engine.module)}
     li.distributed.save_adapter(engine, os.path.join(out, "trained"))
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):  # a caller's own gather
+        li.distributed.save_adapter(engine, os.path.join(out, "inside-gather"))
+    try:
+        li.save_adapter(engine, "/nonexistent/never-written")
+        result["engine"] = "no error"
+    except li.DistributedError as error:
+        result["engine"] = str(error)
     resumed(os.path.join(out, "trained"), os.path.join(out, "resumed"), rank)
     dora = engine_for(model(dora=True))
     step(dora, 0, rank)

@@ -110,6 +110,13 @@ def test_counts_and_plans_read_the_partitioned_shapes(trained):
     assert result["plan_dora"] == str(li.plan(reference, adapter="probe", dora=True, **worker.INJECT))
     assert "32x32" in result["plan"]
     assert "deepspeed.initialize has already taken this model over" in result["early_inject"]
+    assert "this is a DeepSpeed engine" in result["engine"] and "pass engine.module" in result["engine"]
+
+
+def test_saving_inside_the_callers_own_gather(trained):
+    _, out = trained
+    saved, inside = li.read_adapter_tensors(out / "trained"), li.read_adapter_tensors(out / "inside-gather")
+    assert sorted(saved) == sorted(inside) and all(torch.equal(saved[k], inside[k]) for k in saved)
 
 
 @pytest.mark.parametrize("call,says", [

@@ -8,6 +8,7 @@ wrapped or sharded model), make the init identical on every rank (same seed, or
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Iterable
@@ -98,7 +99,9 @@ def _gather_zero3(module: nn.Module) -> dict[str, torch.Tensor]:
     import deepspeed
 
     params = _adapter_parameters(module)
-    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+    gathered = all(p.ds_status.name == "AVAILABLE" for p in params.values() if is_zero3(p))
+    # inside the caller's own GatheredParameters the tensors are whole already (and DeepSpeed refuses to nest)
+    with contextlib.nullcontext() if gathered else deepspeed.zero.GatheredParameters(list(params.values())):
         if dist.get_rank() != 0:
             return {}
         return {name: p.detach().to("cpu").clone() for name, p in params.items()}
