@@ -24,8 +24,8 @@ SHARDED_SAVE = (
     "for the full tensors."
 )
 SHARDED_LOAD = (
-    "On a sharded model call lora_inject.distributed.load_adapter_weights(model, folder) on every rank (each rank "
-    "takes its shards)."
+    "On a sharded or DeepSpeed model call lora_inject.distributed.load_adapter_weights(model, folder) on every rank "
+    "(each rank takes its shards; DeepSpeed's optimizer copies are written too)."
 )
 
 
@@ -86,6 +86,13 @@ def is_zero3(param) -> bool:
 def is_partitioned(param) -> bool:
     """A ZeRO-3 parameter not gathered right now: this rank holds a slice, the tensor itself is empty."""
     return is_zero3(param) and param.ds_status.name != "AVAILABLE"
+
+
+def has_optimizer_copies(model_or_param) -> bool:
+    """DeepSpeed's ZeRO optimizer keeps its own float32 copy of these parameters (stage 1/2: ``_hp_mapping``,
+    stage 3: ``_z3_optimizer``): writing only the parameter would be undone by the next step."""
+    params = model_or_param.parameters() if isinstance(model_or_param, nn.Module) else (model_or_param,)
+    return any(hasattr(p, "_hp_mapping") or hasattr(p, "_z3_optimizer") for p in params)
 
 
 def deepspeed_engine_attached(model: nn.Module) -> bool:

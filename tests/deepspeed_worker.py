@@ -60,11 +60,12 @@ def step(engine, index: int, rank: int) -> None:
     engine.step()
 
 
-def resumed(saved: str, out: str, rank: int, stage: int = 3, **inject) -> None:
+def resumed(saved: str, out: str, rank: int, stage: int = 3, given: str = "engine", **inject) -> None:
     """A fresh model (other factors) takes the saved weights back, then one step at lr=0: what it saves must be
-    the file again (the optimizer's own float32 copies must have taken the file's values too)."""
+    the file again (the optimizer's own float32 copies must have taken the file's values too). ``given``: the
+    engine or the module inside it."""
     fresh = engine_for(model(init=False, **inject), stage=stage, lr=0.0)
-    li.distributed.load_adapter_weights(fresh, saved)
+    li.distributed.load_adapter_weights(fresh if given == "engine" else fresh.module, saved)
     step(fresh, 0, rank)
     li.distributed.save_adapter(fresh, out)
 
@@ -129,7 +130,13 @@ def stage2(out: str, rank: int) -> dict:
         li.save_adapter(engine.module, os.path.join(out, "trained"))
     dist.barrier()
     resumed(os.path.join(out, "trained"), os.path.join(out, "resumed"), rank, stage=2)
-    return {"stage2": "saved"}
+    resumed(os.path.join(out, "trained"), os.path.join(out, "resumed-module"), rank, stage=2, given="module")
+    try:  # the plain loader would write the parameters and leave DeepSpeed's float32 copies behind
+        li.load_adapter_weights(engine.module, os.path.join(out, "trained"))
+        refused = "no error"
+    except li.DistributedError as error:
+        refused = str(error)
+    return {"stage2": "saved", "plain_load": refused}
 
 
 def zero_init(out: str, rank: int) -> dict:

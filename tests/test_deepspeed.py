@@ -94,9 +94,12 @@ def test_resume_puts_the_saved_weights_back_optimizer_copies_included(trained, n
 
 
 def test_zero2_resume_through_the_engine(tmp_path):
-    _launch("stage2", tmp_path)
-    saved, resumed = li.read_adapter_tensors(tmp_path / "trained"), li.read_adapter_tensors(tmp_path / "resumed")
-    assert sorted(saved) == sorted(resumed) and all(torch.equal(saved[k], resumed[k]) for k in saved)
+    result = _launch("stage2", tmp_path)
+    saved = li.read_adapter_tensors(tmp_path / "trained")
+    for folder in ("resumed", "resumed-module"):  # the engine given, or the module inside it
+        resumed = li.read_adapter_tensors(tmp_path / folder)
+        assert sorted(saved) == sorted(resumed) and all(torch.equal(saved[k], resumed[k]) for k in saved), folder
+    assert "keeps its own float32 copy" in result["plain_load"]
     reference = li.formats.save.adapter_tensors(_single_process_training())
     for key, tensor in reference.items():
         torch.testing.assert_close(saved[key], tensor, rtol=0, atol=1e-5, msg=key)

@@ -615,3 +615,13 @@ def test_single_file_loras_by_hub_id_and_weight_name_offline(tmp_path, monkeypat
     assert_same(unet_out(pipe.unet), unet_out(file.merged))
     with pytest.raises(li.AdapterFileError, match="could not be read as a Hugging Face hub repo id"):
         li.load_adapter(sd_unet(), "me/absent", **options)
+
+
+def test_embedding_entries_are_refused_by_name_not_loaded_as_linear(tmp_path):
+    model = clip()
+    name = "lora_te_text_model_embeddings_token_embedding"
+    save_file({f"{name}.lora_down.weight": torch.randn(2, 32), f"{name}.lora_up.weight": torch.randn(100, 2)},
+              str(tmp_path / "e.safetensors"))
+    with pytest.raises(li.AdapterFileError, match="an embedding"):
+        li.load_adapter(model, tmp_path / "e.safetensors")
+    assert li.adapter_configs(model) == {}

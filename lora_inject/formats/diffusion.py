@@ -32,6 +32,7 @@ from .diffusion_names import (
     adaptable_modules,
     bfl_names,
     flat,
+    is_clip_text,
     name_table,
     role_of,
     split_role,
@@ -137,6 +138,8 @@ def _scale(group: dict, rank: int, paths: list[str], config: dict | None) -> flo
 
 def _fitted(a: torch.Tensor, b: torch.Tensor, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | str:
     """A and B in the module's layout (2-D for Linear, 4-D for convolutions), or why they do not fit."""
+    if isinstance(module, nn.Embedding):  # its LoRA is laid out otherwise (lora_embedding_A/B)
+        return "an embedding: embedding LoRAs in diffusion files are not read"
     weight = module.weight
     if weight.dim() == 2 and a.dim() == 4 and a.shape[2:] == (1, 1) and b.dim() == 4:
         a, b = a.flatten(1), b.flatten(1)
@@ -174,7 +177,7 @@ def place(adapter: Adapter, model: nn.Module) -> Adapter:
         else:
             unplaced[key] = kind
     tensors, ranks, scales, owner = {}, {}, {}, {}
-    clip_text = getattr(getattr(model, "config", None), "model_type", None) == "clip_text_model"
+    clip_text = is_clip_text(model)
     for name, group in groups.items():
         keys = [key for key, _ in group.values()]
         key_role, rest = split_role(name)
@@ -223,7 +226,7 @@ def kohya_name(path: str, model: nn.Module, role: str) -> str:
     """The kohya name of a module: the component's prefix and the (transformers-4) path with underscores."""
     prefix = {"denoiser": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_",
               "text_encoder_t5": "lora_te3_"}[role]
-    if getattr(getattr(model, "config", None), "model_type", None) == "clip_text_model":
+    if is_clip_text(model):
         path = path if path.startswith("text_model.") else "text_model." + path
     return prefix + flat(path)
 
@@ -246,7 +249,8 @@ def kohya_tensors(adapter: Adapter, model: nn.Module, role: str | None = None,
              for k, a in adapter.tensors.items() if k.endswith(".lora_A.weight")}
     out: dict[str, torch.Tensor] = {}
     if role == "denoiser" and bfl_names(model):
-        pairs = _bfl_pairs(pairs, model, config, out)
+        _put_bfl_pairs(pairs, model, config, out)
+        pairs = {}  # every pair is written in BFL's names (or refused)
     for path, (a, b) in pairs.items():
         _put(out, kohya_name(path, model, role), a, b, config.scale_for(path) * a.shape[0])
     return {k: v.to(dtype) if dtype is not None else v for k, v in out.items()}
@@ -258,8 +262,8 @@ def _put(out: dict, name: str, down: torch.Tensor, up: torch.Tensor, alpha: floa
     out[name + ".alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
 
 
-def _bfl_pairs(pairs: dict, model: nn.Module, config: LoraConfig, out: dict) -> dict:
-    """Write every pair that has a BFL name into ``out``; return the pairs that have none (refused)."""
+def _put_bfl_pairs(pairs: dict, model: nn.Module, config: LoraConfig, out: dict) -> None:
+    """Write every pair into ``out`` under its BFL name; refuse a module that has none."""
     left = dict(pairs)
     for name, placements in bfl_names(model).items():
         present = [p for p in placements if p.path in left]
@@ -284,7 +288,6 @@ def _bfl_pairs(pairs: dict, model: nn.Module, config: LoraConfig, out: dict) -> 
         _put(out, "lora_unet_" + flat(name), torch.cat(downs), up, rank)
     if left:
         raise ExportError(f"{preview(left)} have no name in kohya's Flux files; save with format='peft' instead.")
-    return {}
 
 
 def write(adapter: Adapter, destination: Path, model: nn.Module) -> Path:

@@ -71,6 +71,12 @@ def role_of(model: nn.Module) -> str:
     return "denoiser"
 
 
+def is_clip_text(model: nn.Module) -> bool:
+    """A transformers CLIP text encoder: kohya names keep the ``text_model.`` level that transformers 5's
+    ``CLIPTextModel`` lost."""
+    return getattr(getattr(model, "config", None), "model_type", None) == "clip_text_model"
+
+
 def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Leaf modules with a weight: what a LoRA pair can update. A module wrapped already (another adapter is
     loaded) counts as its base layer, under its own path."""
@@ -97,7 +103,7 @@ def name_table(model: nn.Module) -> dict[str, tuple[Placement, ...]]:
             placements = AMBIGUOUS
         table[key] = placements
 
-    text_model = getattr(getattr(model, "config", None), "model_type", None) == "clip_text_model"
+    text_model = is_clip_text(model)
     for path in modules:
         add(path, (Placement(path),))
         if text_model and not path.startswith("text_model."):  # transformers 5's CLIPTextModel lost this level

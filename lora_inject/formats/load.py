@@ -15,8 +15,16 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig
-from ..errors import AdapterFileError, LoraInjectError, preview
-from ..guards import SHARDED_LOAD, ZERO3_LOAD, check_not_distributed, check_not_sharded, full_shape, unwrap
+from ..errors import AdapterFileError, DistributedError, LoraInjectError, preview
+from ..guards import (
+    SHARDED_LOAD,
+    ZERO3_LOAD,
+    check_not_distributed,
+    check_not_sharded,
+    full_shape,
+    has_optimizer_copies,
+    unwrap,
+)
 from ..inject import (
     _require_adapter,
     adapter_configs,
@@ -395,6 +403,10 @@ def load_adapter_weights(
     For sharded (FSDP2) models use :func:`lora_inject.distributed.load_adapter_weights`.
     """
     check_not_sharded(model, "load adapter weights", SHARDED_LOAD)
+    if has_optimizer_copies(model):
+        raise DistributedError("Cannot load adapter weights: DeepSpeed's ZeRO optimizer keeps its own float32 copy "
+                               "of the trained parameters, so writing the parameters alone would be undone by the "
+                               f"next step. {SHARDED_LOAD}")
     given, model = model, unwrap(model)
     tensors, required, optional = checked_tensors_for_existing(model, directory, adapter, strict)
     _copy_in(model, tensors, {**optional, **required}, adapter)

@@ -22,7 +22,7 @@ from ..errors import DistributedError
 from ..formats.load import checked_tensors_for_existing
 from ..formats.peft_config import disk_key
 from ..formats.save import adapter_tensors, write_adapter
-from ..guards import _wrapper_kind, is_zero3
+from ..guards import _wrapper_kind, has_optimizer_copies, is_zero3
 from ..inject import _require_adapter, adapter_state
 from ..layers import LoraLayer, ModulesToSave
 from ..layers.linear import Factor
@@ -192,7 +192,7 @@ def load_adapter_weights(
     params = dict(module.named_parameters())
     if any(is_zero3(p) for p in module.parameters()):
         _load_zero3(module, state)
-    elif model is not module and _wrapper_kind(model) == "DeepSpeed":  # ZeRO-1/2: every rank holds whole weights
+    elif _wrapper_kind(model) == "DeepSpeed" or has_optimizer_copies(module):  # ZeRO-1/2: whole weights everywhere
         with torch.no_grad():
             for name, tensor in state.items():
                 params[name].copy_(tensor.to(params[name].dtype))
@@ -209,9 +209,8 @@ def _set_optimizer_copies(params: dict, state: dict[str, torch.Tensor]) -> None:
     from deepspeed.utils import safe_set_full_fp32_param
 
     for name, tensor in state.items():
-        param = params[name]
-        if hasattr(param, "_z3_optimizer") or hasattr(param, "_hp_mapping"):
-            safe_set_full_fp32_param(param, tensor.to(torch.float32))
+        if has_optimizer_copies(params[name]):
+            safe_set_full_fp32_param(params[name], tensor.to(torch.float32))
 
 
 def _load_zero3(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
