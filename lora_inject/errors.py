@@ -53,6 +53,10 @@ class ExportError(LoraInjectError, ValueError):
     """An adapter holds something the export format cannot express (or the base is not one the format knows)."""
 
 
+class ConcurrencyError(LoraInjectError, RuntimeError):
+    """Two threads asked for changes of one model that would wait for each other forever."""
+
+
 class DistributedError(LoraInjectError, RuntimeError):
     """The model is wrapped or sharded in a way that makes the operation unsafe, or a
     collective step (such as saving from rank 0) failed on another rank."""

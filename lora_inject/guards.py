@@ -10,8 +10,6 @@ with the call that works instead.
 from __future__ import annotations
 
 import contextlib
-import threading
-import weakref
 from collections.abc import Iterator
 
 from torch import nn
@@ -222,20 +220,3 @@ def check_not_sharded(model: nn.Module, action: str, alternative: str = SHARDED_
                 f"Cannot {action}: parameter {name!r} is partitioned by DeepSpeed ZeRO-3 (this rank holds an empty "
                 f"placeholder; the full shape is {full_shape(param)}). " + alternative
             )
-
-
-_MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_MODEL_LOCKS_GUARD = threading.Lock()
-
-
-def model_lock(model: nn.Module) -> threading.RLock:
-    """The model's lock for what changes which adapters run or what they hold: ``using_adapter``,
-    ``batch_adapters`` and ``disabled_adapters`` blocks, hot swaps. Threads serving one model take turns in
-    those blocks (each sees its own adapters, and the state before it comes back after it), instead of
-    mixing each other's adapters. Re-entrant, so a thread nests its own blocks. Kept outside the model, so
-    ``copy.deepcopy`` and pickling still work."""
-    with _MODEL_LOCKS_GUARD:
-        lock = _MODEL_LOCKS.get(model)
-        if lock is None:
-            lock = _MODEL_LOCKS[model] = threading.RLock()
-        return lock

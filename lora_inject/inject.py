@@ -13,11 +13,12 @@ from torch import nn
 
 from .config import TASK_HEADS, LoraConfig, foreign_config, unknown_field_message
 from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError
-from .guards import check_not_distributed, model_lock, unwrap, zero3_injection
+from .guards import check_not_distributed, unwrap, zero3_injection
 from .layers import ADAPTER_MODULES, LoraLayer, ModulesToSave, TrainableTokens
 from .layers.principal import is_principal_init
 from .quantized.registry import logical_numel, prepare_quantized_layers
 from .targeting.plan import Plan, resolve
+from .threads import changes_adapters, changing, hold_during_forwards, model_lock, opened, release_forwards
 
 _STATE_ATTR = "_lora_inject_configs"  # {adapter name: LoraConfig} kept on the model
 CARRIED_ATTR = "_lora_inject_carried"  # module paths whose full weight is saved with every adapter
@@ -44,6 +45,10 @@ def on_model_event(event: str, handler: Callable[[nn.Module], None]) -> None:
 def model_event(event: str, model: nn.Module) -> None:
     for handler in _HANDLERS[event]:
         handler(model)
+
+
+on_model_event("attached", hold_during_forwards)  # each forward holds the model's lock shared (threads.py)
+on_model_event("detached", release_forwards)
 
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -123,6 +128,7 @@ def plan(model: nn.Module, config: LoraConfig | None = None, *, adapter: str = "
     return _resolve(model, _config_from(model, config, overrides), adapter)
 
 
+@changes_adapters
 def inject(
     model: nn.Module, config: LoraConfig | None = None, *, adapter: str = "default", **overrides: Any
 ) -> nn.Module:
@@ -296,6 +302,7 @@ def _require_adapter(model: nn.Module, name: str) -> None:
         )
 
 
+@changes_adapters
 def set_adapter(model: nn.Module, names: str | Iterable[str]) -> None:
     """Make ``names`` the active adapter(s): they run in forward and their parameters train."""
     model = unwrap(model)
@@ -310,24 +317,38 @@ def set_adapter(model: nn.Module, names: str | Iterable[str]) -> None:
 def using_adapter(model: nn.Module, names: str | Iterable[str] | None) -> Iterator[nn.Module]:
     """Inside the block ``names`` run instead of the active adapters (``None``: none, the base model).
 
-    Which parameters require grad does not change, so an optimizer built for the active adapter is
-    unaffected; the previous adapters are active again on exit, also when the block raises. This is
-    how a preference trainer runs a frozen reference adapter on the policy's own weights.
+    For the thread that entered it only: other threads' forwards keep their own adapters, so a server runs
+    each request in its own block. Which parameters require grad does not change, so an optimizer built for
+    the active adapter is unaffected; on exit the thread sees the model's adapters again, also when the block
+    raises. This is how a preference trainer runs a frozen reference adapter on the policy's own weights.
     """
     inner = unwrap(model)
     wanted = [] if names is None else ([names] if isinstance(names, str) else list(names))
     for name in wanted:
         _require_adapter(inner, name)
-    with model_lock(inner):  # another thread's block waits: it would otherwise run (and restore) our adapters
-        modules = [m for _, m in _adapter_modules(inner)]
-        before = [m.active_adapters for m in modules]
-        try:
-            for module in modules:
-                module.set_active(wanted, trainable=False)
-            yield model
-        finally:
-            for module, names_before in zip(modules, before):
-                module.set_active(names_before, trainable=False)
+    modules = [m for _, m in _adapter_modules(inner)]
+    for module in modules:
+        module.check_active(wanted)
+    if recomputes_in_backward(inner):
+        with changing(inner):
+            before = [m.active_adapters for m in modules]
+            try:
+                for module in modules:
+                    module.set_active(wanted, trainable=False)
+                yield model
+            finally:
+                for module, names_before in zip(modules, before):
+                    module.set_active(names_before, trainable=False)
+        return
+    with model_lock(inner).shared(), opened(modules, active=tuple(wanted)):
+        yield model
+
+
+def recomputes_in_backward(model: nn.Module) -> bool:
+    """Whether a block entered now must change the model itself rather than this thread's view: gradient
+    checkpointing runs forwards again during backward, on GPUs in autograd's own threads, which see the
+    model's state, not this thread's. Such a block holds the model alone for its length."""
+    return torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 @contextlib.contextmanager
@@ -346,6 +367,7 @@ def restored_on_failure(model: nn.Module) -> Iterator[None]:
         raise
 
 
+@changes_adapters
 def copy_adapter(model: nn.Module, source: str, target: str) -> nn.Module:
     """Add adapter ``target``, a frozen copy of adapter ``source`` (same layers, config and values); the
     active adapters stay as they were. For a reference policy in preference training, or a snapshot."""
@@ -389,25 +411,40 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 @contextlib.contextmanager
 def disabled_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block the model computes as the base model (merged adapters are unmerged first)."""
-    with model_lock(unwrap(model)):
-        modules = [m for _, m in _adapter_modules(unwrap(model))]
-        if any(m.__dict__.get("_routing") is not None for m in modules):
-            raise ConfigError("disabled_adapters inside batch_adapters: the per-row names would be ignored. Leave "
-                              "the batch_adapters block first, or give the rows that should run the base model None.")
-        merged = {id(m): list(m.merged_adapters) for m in modules}
-        for module in modules:
-            module.unmerge()
-            module.set_disabled(True)
-        try:
+    """Inside the block the model computes as the base model, for the thread that entered it.
+
+    Merged adapters must leave the weights for that: then the block unmerges them (and merges them again on
+    exit) holding the model alone, so other threads' forwards wait for it instead of seeing the base model.
+    """
+    inner = unwrap(model)
+    modules = [m for _, m in _adapter_modules(inner)]
+    if any(m._routing is not None for m in modules):
+        raise ConfigError("disabled_adapters inside batch_adapters: the per-row names would be ignored. Leave "
+                          "the batch_adapters block first, or give the rows that should run the base model None.")
+    if any(m.merged_adapters for m in modules) or recomputes_in_backward(inner):
+        with changing(inner), _disabled_model_wide(modules):
             yield model
-        finally:
-            for module in modules:
-                module.set_disabled(False)
-                if merged.get(id(module)):
-                    module.merge(merged[id(module)])
+        return
+    with model_lock(inner).shared(), opened(modules, disabled=True):
+        yield model
 
 
+@contextlib.contextmanager
+def _disabled_model_wide(modules: list[nn.Module]) -> Iterator[None]:
+    merged = {id(m): list(m.merged_adapters) for m in modules}
+    for module in modules:
+        module.unmerge()
+        module.set_disabled(True)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.set_disabled(False)
+            if merged.get(id(module)):
+                module.merge(merged[id(module)])
+
+
+@changes_adapters
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` everywhere; wrappers left with no adapter are replaced by their base."""
     model = unwrap(model)
@@ -422,6 +459,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         model_event("detached", model)
 
 
+@changes_adapters
 def reset_adapters(model: nn.Module, adapter: str | None = None) -> None:
     """Re-draw adapter weights with their configured init (B zero, so output equals the base).
 

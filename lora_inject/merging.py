@@ -16,8 +16,10 @@ from .guards import check_not_distributed, unwrap
 from .inject import _STATE_ATTR, _adapter_modules, _require_adapter, _set_submodule, innermost_first, model_event
 from .layers import LoraLayer
 from .quantized.registry import dequantized_linear, forget_quantization, quantized_kind
+from .threads import changes_adapters
 
 
+@changes_adapters
 def merge(
     model: nn.Module, adapters: str | Iterable[str] | None = None, *, safe: bool = True, requantize: bool = False
 ) -> None:
@@ -107,6 +109,7 @@ def _untie_shared_weights(model: nn.Module, merging: list[tuple[nn.Module, list[
         )
 
 
+@changes_adapters
 def unmerge(model: nn.Module) -> None:
     """Subtract every merged adapter from the base weights again."""
     check_not_distributed(model, "unmerge adapters")
@@ -142,6 +145,7 @@ def _shared_parameters(model: nn.Module) -> set[int]:
     return {key for key, count in uses.items() if count > 1}
 
 
+@changes_adapters
 def merge_and_unload(
     model: nn.Module, adapters: str | Iterable[str] | None = None, *, safe: bool = True,
     dequantize: torch.dtype | None = None, requantize: bool = False,
@@ -189,6 +193,7 @@ def _dequantized(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
         forget_quantization(model)
 
 
+@changes_adapters
 def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter and return the plain model with its original weights (merged adapters are subtracted)."""
     return _unwrap(model, keep_merged=False)

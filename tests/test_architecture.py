@@ -16,6 +16,7 @@ RANKS = {
     "lora_inject.errors": 0,
     "lora_inject.version": 0,
     "lora_inject.guards": 0.5,  # uses errors only; quantized and everything above read shapes through it
+    "lora_inject.threads": 0.6,  # per-thread views and the model lock; layers read views through it
     "lora_inject.quantized": 1,  # the package's __init__ re-exports the registry only
     "lora_inject.quantized.registry": 1,
     "lora_inject.layers": 2,
@@ -160,7 +161,7 @@ def test_every_module_has_a_rank(name):
 
 def test_the_top_level_shows_only_what_every_part_shares():
     top = sorted(p.name for p in PACKAGE.glob("*.py"))
-    aliases = {"hf.py", "trl.py", "distributed.py"}  # the documented names of three integrations
+    aliases = {"hf.py", "trl.py", "distributed.py", "diffusers.py"}  # the documented names of four integrations
     assert len(set(top) - aliases) <= 9, top
     for alias in aliases:
         assert "sys.modules[__name__] = _module" in (PACKAGE / alias).read_text()

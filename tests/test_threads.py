@@ -1,17 +1,24 @@
-"""Several threads serving one model: per-call routing blocks (``using_adapter``, ``batch_adapters``,
-``disabled_adapters``) and hot swaps take turns (the model's lock), so each block sees its own adapters, the
-state before it comes back after it, and a forward inside a block never sees a half-swapped adapter."""
+"""Several threads serving one model.
+
+Per-call routing blocks (``using_adapter``, ``batch_adapters``, ``disabled_adapters``) belong to the thread that
+entered them: blocks of different threads run at the same time, each sees its own adapters, and a plain forward
+in another thread never sees them. What changes the adapters (hot swap, load, set_adapter, merge) waits for the
+forwards and blocks in flight, so a forward sees the model before the change or after it, never a mix.
+"""
 
 from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 from conftest import tiny_llama
 
 import lora_inject as li
+from lora_inject.errors import ConcurrencyError
 
 ROUNDS = 30
+WAIT = 20  # seconds a thread waits for another before the test calls it stuck
 
 
 def _model():
@@ -118,3 +125,384 @@ def test_a_hot_swap_waits_for_the_blocks_that_run_the_adapter(tmp_path):
 
     _run_threads(forwards, swaps)
     assert not wrong, f"{len(wrong)} of {ROUNDS} outputs mixed two adapters"
+
+
+def _random_factors(model, seed, adapter=None):
+    torch.manual_seed(seed)
+    for key, p in model.named_parameters():
+        if "lora_" in key and (adapter is None or f".{adapter}." in key or key.endswith(f".{adapter}")):
+            p.data = torch.randn_like(p) * 0.3
+
+
+def _saved(tmp_path, seeds):
+    files = {}
+    for name, seed in seeds.items():
+        other = tiny_llama()
+        li.inject(other, targets=["q_proj", "v_proj"], r=4, init=False)
+        _random_factors(other, seed)
+        files[name] = li.save_adapter(other, tmp_path / name)
+    return files
+
+
+def _held_open(block, inside: threading.Event, leave: threading.Event):
+    """A thread body: enter ``block``, say so, and stay inside until ``leave``."""
+    def run():
+        with block():
+            inside.set()
+            assert leave.wait(WAIT), "the test never let this block end"
+    return run
+
+
+def test_blocks_of_two_threads_run_at_the_same_time_each_with_its_own_adapter():
+    model, x = _model(), torch.randint(0, 100, (2, 6))
+    expected = {name: _logits(model, x, name) for name in ("a", "b")}
+    inside = {name: threading.Event() for name in "ab"}
+    outputs = {}
+
+    def serve(name, other):
+        def run():
+            with torch.no_grad(), li.using_adapter(model, name):
+                inside[name].set()
+                assert inside[other].wait(WAIT), f"the {other!r} block never ran while the {name!r} block was open"
+                outputs[name] = model(x).logits  # both blocks are open now
+        return run
+
+    _run_threads(serve("a", "b"), serve("b", "a"))
+    for name in "ab":
+        assert torch.equal(outputs[name], expected[name])
+
+
+@pytest.mark.parametrize("block", ["batch_adapters", "using_adapter", "disabled_adapters"])
+def test_a_plain_forward_never_sees_another_threads_block(block):
+    model, x = _model(), torch.randint(0, 100, (3, 6))
+    with torch.no_grad():
+        expected = model(x).logits  # adapter "a", the model's own
+    blocks = {"batch_adapters": lambda: li.batch_adapters(model, ["b", None, "b"]),
+              "using_adapter": lambda: li.using_adapter(model, "b"),
+              "disabled_adapters": lambda: li.disabled_adapters(model)}
+    inside, leave, wrong = threading.Event(), threading.Event(), []
+
+    def plain_forwards():
+        assert inside.wait(WAIT)
+        try:
+            for _ in range(ROUNDS):
+                with torch.no_grad():
+                    if not torch.equal(model(x).logits, expected):
+                        wrong.append(1)
+        finally:
+            leave.set()
+
+    _run_threads(_held_open(blocks[block], inside, leave), plain_forwards)
+    assert wrong == []
+
+
+def test_a_hot_swap_during_plain_forwards_never_gives_a_mix(tmp_path):
+    model, x = _model(), torch.randint(0, 100, (2, 6))
+    li.prepare_hotswap(model, max_rank=4, adapter="a")
+    files = _saved(tmp_path, {"x": 1, "y": 2})
+    expected = []
+    for folder in files.values():
+        li.hotswap_adapter(model, folder, adapter="a")
+        with torch.no_grad():
+            expected.append(model(x).logits)
+    wrong, done = [], threading.Event()
+
+    def forwards():
+        while not done.is_set():
+            with torch.no_grad():
+                out = model(x).logits  # no block: the model's own adapter, whatever the swaps do
+            if not any(torch.equal(out, e) for e in expected):
+                wrong.append(out)
+
+    def swaps():
+        try:
+            for i in range(4 * ROUNDS):
+                li.hotswap_adapter(model, files["xy"[i % 2]], adapter="a")
+        finally:
+            done.set()
+
+    _run_threads(forwards, swaps)
+    assert not wrong, f"{len(wrong)} forwards mixed two adapters"
+
+
+def test_loading_and_deleting_adapters_during_forwards_shows_no_half_built_model(tmp_path):
+    model, x = _model(), torch.randint(0, 100, (2, 6))
+    folder = _saved(tmp_path, {"c": 3})["c"]
+    with torch.no_grad():
+        expected = [model(x).logits]
+        li.load_adapter(model, folder, adapter="c")  # the loaded adapter runs
+        expected.append(model(x).logits)
+    li.delete_adapter(model, "c")
+    li.set_adapter(model, "a")
+    wrong, done = [], threading.Event()
+
+    def forwards():
+        while not done.is_set():
+            with torch.no_grad():
+                out = model(x).logits
+            if not any(torch.equal(out, e) for e in expected):
+                wrong.append(out)
+
+    def loads():
+        try:
+            for _ in range(ROUNDS):
+                li.load_adapter(model, folder, adapter="c")
+                li.delete_adapter(model, "c")
+                li.set_adapter(model, "a")
+        finally:
+            done.set()
+
+    _run_threads(forwards, loads)
+    assert not wrong, f"{len(wrong)} forwards saw neither the model before a load nor after it"
+
+
+def test_a_change_waits_for_the_blocks_in_flight_and_new_forwards_wait_for_it():
+    import time
+
+    from lora_inject.threads import model_lock
+
+    model, x = _model(), torch.randint(0, 100, (2, 6))
+    expected_b = _logits(model, x, "b")
+    inside, leave, changed = threading.Event(), threading.Event(), threading.Event()
+    order, late = [], []
+
+    def change():
+        assert inside.wait(WAIT)
+        li.set_adapter(model, "b")
+        order.append("changed")
+        changed.set()
+
+    def late_forward():  # starts while the change waits: it runs after the change, so with adapter "b"
+        with torch.no_grad():
+            late.append(model(x).logits)
+
+    def release():
+        assert inside.wait(WAIT)
+        deadline = time.monotonic() + WAIT
+        while not model_lock(model)._waiting and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not changed.is_set(), "set_adapter did not wait for the open block"
+        forward = threading.Thread(target=late_forward)
+        forward.start()
+        time.sleep(0.2)
+        assert not late, "a new forward overtook the waiting change"
+        order.append("left")
+        leave.set()
+        forward.join(WAIT)
+
+    _run_threads(_held_open(lambda: li.using_adapter(model, "a"), inside, leave), change, release)
+    assert order == ["left", "changed"]
+    assert li.active_adapters(model) == ["b"]
+    assert torch.equal(late[0], expected_b)
+
+
+def test_a_thread_may_change_the_model_inside_its_own_block():
+    model, x = _model(), torch.randint(0, 100, (2, 6))
+    with torch.no_grad(), li.using_adapter(model, "b"):
+        li.set_adapter(model, "b")  # the model's own state; the block's view still decides what runs here
+        inside = model(x).logits
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, inside)
+    assert li.active_adapters(model) == ["b"]
+
+
+def test_two_threads_changing_the_model_from_inside_their_blocks_do_not_deadlock():
+    model = _model()
+    both_inside = threading.Barrier(2, timeout=WAIT)
+    outcomes = []
+
+    def serve(name):
+        def run():
+            try:
+                with li.using_adapter(model, name):
+                    both_inside.wait()
+                    li.set_adapter(model, name)
+                outcomes.append("changed")
+            except ConcurrencyError as error:
+                assert "both tried to change" in str(error)
+                outcomes.append("refused")
+        return run
+
+    _run_threads(serve("a"), serve("b"))
+    assert sorted(outcomes) == ["changed", "refused"]
+
+
+def test_the_views_are_per_thread_under_torch_compile(request):
+    model, x = _model(), torch.randint(0, 100, (2, 6))
+    expected = {name: _logits(model, x, name) for name in ("a", "b", None)}
+    torch._dynamo.reset()
+    request.addfinalizer(torch._dynamo.reset)
+    compiled = torch.compile(model, fullgraph=True)
+    wrong = []
+
+    def serve(names):
+        def run():
+            for i in range(8):
+                name = names[i % len(names)]
+                with torch.no_grad(), li.using_adapter(model, name):
+                    out = compiled(x).logits
+                if not torch.allclose(out, expected[name], atol=1e-5):
+                    wrong.append(name)
+        return run
+
+    _run_threads(serve(["a", None]), serve(["b", "a"]))
+    assert wrong == []
+    with torch.no_grad():
+        assert torch.allclose(compiled(x).logits, expected["a"], atol=1e-5)  # no stale graph after the blocks
+
+
+def test_a_dataparallel_replica_runs_the_view_of_the_thread_that_made_it():
+    model, x = _model(), torch.randn(2, 32)
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad(), li.using_adapter(model, "b"):
+        expected = layer(x)
+        replica = layer._replicate_for_data_parallel()  # what DataParallel does before its worker threads run
+    with torch.no_grad():
+        assert not torch.equal(layer(x), expected)
+    result = []
+    _run_threads(lambda: result.append(replica(x)))
+    assert torch.equal(result[0], expected)
+
+
+def test_with_gradient_checkpointing_a_block_holds_for_backward_in_other_threads():
+    """Gradient checkpointing runs forwards again during backward, on GPUs in autograd's threads: there a
+    block changes the model itself (and holds it alone), so the recomputation runs the block's adapter."""
+    model, x = _model(), torch.randint(0, 100, (2, 6))
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers 5 (the older name warns)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    for key, p in model.named_parameters():
+        p.requires_grad_("lora_" in key)
+
+    def grads():
+        return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    li.set_adapter(model, "b")
+    for key, p in model.named_parameters():
+        p.requires_grad_("lora_" in key)
+    model.zero_grad()
+    model(x).logits.square().sum().backward()
+    expected = grads()
+    li.set_adapter(model, "a")
+    for key, p in model.named_parameters():
+        p.requires_grad_("lora_" in key)
+    model.zero_grad()
+    with li.using_adapter(model, "b"):
+        loss = model(x).logits.square().sum()
+        _run_threads(loss.backward)  # recomputed in another thread, as autograd does on GPUs
+    got = grads()
+    assert set(got) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+    assert li.active_adapters(model) == ["a"]
+
+
+def test_unloading_takes_the_forward_hooks_away():
+    from lora_inject.threads import _enter_forward, _leave_forward
+
+    model = _model()
+    assert _enter_forward in model._forward_pre_hooks.values()
+    plain = li.unload(model)
+    assert _enter_forward not in plain._forward_pre_hooks.values()
+    assert _leave_forward not in plain._forward_hooks.values()
+
+
+@pytest.mark.parametrize("how", ["torch.compile(model)", "model.compile()"])
+def test_a_hot_swap_while_threads_serve_a_compiled_model_in_blocks_never_gives_a_mix(tmp_path, request, how):
+    """A compiled graph cannot take the lock (the forward hooks are traced as nothing): requests inside blocks
+    are held, since the block takes it outside the graph."""
+    model, x = _model(), torch.randint(0, 100, (2, 6))
+    li.prepare_hotswap(model, max_rank=4, adapter="a")
+    files = _saved(tmp_path, {"x": 1, "y": 2})
+    expected = []
+    for folder in files.values():
+        li.hotswap_adapter(model, folder, adapter="a")
+        with torch.no_grad():
+            expected.append(model(x).logits)
+    torch._dynamo.reset()
+    request.addfinalizer(torch._dynamo.reset)
+    compiled = torch.compile(model) if how == "torch.compile(model)" else model
+    if how == "model.compile()":
+        model.compile()
+
+    def forward():
+        with li.using_adapter(model, "a"):
+            return compiled(x).logits
+    wrong, done = [], threading.Event()
+
+    def forwards():
+        while not done.is_set():
+            with torch.no_grad():
+                out = forward()
+            if not any(torch.allclose(out, e, atol=1e-5) for e in expected):
+                wrong.append(out)
+
+    def swaps():
+        try:
+            for i in range(ROUNDS):
+                li.hotswap_adapter(model, files["xy"[i % 2]], adapter="a")
+        finally:
+            done.set()
+
+    with torch.no_grad():
+        forward()  # compiled before the race starts
+    _run_threads(forwards, swaps)
+    assert not wrong, f"{len(wrong)} forwards mixed two adapters"
+
+
+KINDS = {
+    "linear": dict(targets=["q_proj", "v_proj"]),
+    "dora": dict(targets=["q_proj", "v_proj"], dora=True),
+    "embedding and a trained head": dict(targets=["embed_tokens", "o_proj"], modules_to_save=["lm_head"]),
+    "trainable tokens": dict(targets=["q_proj"], trainable_tokens=[1, 5, 7]),
+    "gpt2 conv1d": dict(targets=["c_attn", "c_proj"]),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_adapter_kind_follows_each_threads_own_block(kind):
+    from conftest import tiny_gpt2
+
+    model = tiny_gpt2() if "gpt2" in kind else tiny_llama()
+    torch.manual_seed(0)
+    for name in ("a", "b"):
+        li.inject(model, r=4, adapter=name, **KINDS[kind])
+        for p in model.parameters():
+            if p.requires_grad:  # the new adapter's own tensors: make it change the output
+                p.data += torch.randn_like(p) * 0.2
+    model.requires_grad_(False)
+    x = torch.randint(1, 9, (2, 6))
+    expected = {}
+    for names in (["a"], ["b"], []):
+        li.set_adapter(model, names) if names else None
+        with torch.no_grad(), (li.disabled_adapters(model) if not names else li.using_adapter(model, names)):
+            expected[tuple(names)] = model(x).logits
+    li.set_adapter(model, "a")
+    assert not torch.allclose(expected[("a",)], expected[("b",)])
+    inside, leave, got = threading.Event(), threading.Event(), {}
+
+    def other_thread():
+        assert inside.wait(WAIT)
+        try:
+            with torch.no_grad():
+                got["plain"] = model(x).logits
+                with li.disabled_adapters(model):
+                    got["disabled"] = model(x).logits
+                with li.batch_adapters(model, ["a", "b"]):
+                    got["batch"] = model(x).logits
+        finally:
+            leave.set()
+
+    def held():
+        with torch.no_grad():
+            return li.using_adapter(model, "b")
+
+    _run_threads(_held_open(held, inside, leave), other_thread)
+    torch.testing.assert_close(got["plain"], expected[("a",)])
+    torch.testing.assert_close(got["disabled"], expected[()])
+    torch.testing.assert_close(got["batch"], torch.cat([expected[("a",)][:1], expected[("b",)][1:]]))
+    with torch.no_grad(), li.using_adapter(model, "b"):
+        torch.testing.assert_close(model(x).logits, expected[("b",)])

@@ -42,10 +42,12 @@ from ..layers.parameter import LoraParameter
 from ..layers.principal import is_principal_init
 from ..targeting.plan import Plan, PlannedLayer, logical_modules, resolve
 from ..targeting.tokens import TokenTarget
+from ..threads import changes_adapters
 from .adapter import Adapter
 from .hub import adapter_folder
 from .peft_config import IGNORED_KEY_SUFFIXES
 from .registry import convert, read_adapter
+from .validate import checked_values
 
 
 def _principal_from_lora(model: nn.Module, adapter: str, tensors: dict, where: str) -> dict:
@@ -321,10 +323,11 @@ def load_adapter(
     given, model = model, unwrap(model)
     require_new_adapter(model, adapter)
     path = adapter_folder(source, revision=revision, subfolder=subfolder, **hub_kwargs)
-    load_read_adapter(model, read_adapter(path), adapter, strict)
+    load_read_adapter(model, read_adapter(path, values=False), adapter, strict)
     return given
 
 
+@changes_adapters
 def load_read_adapter(model: nn.Module, read: Adapter, adapter: str, strict: bool) -> None:
     """:func:`load_adapter` after reading: convert, check everything against ``model``, then inject and copy
     (``model`` unwrapped, ``adapter`` a new name). On any error the model is left exactly as it was."""
@@ -344,6 +347,7 @@ def load_read_adapter(model: nn.Module, read: Adapter, adapter: str, strict: boo
     _warn_doubled_out_proj(resolved, tensors, found)
     required, optional = _expected(model, resolved, config)
     _check_tensors(model, tensors, required, optional, config, strict, found.source)
+    tensors = checked_values(tensors, found.source)  # read only now that every shape fits
     # every factor comes from the file: allocate, do not initialise (PiSSA/OLoRA also rewrite the base weight)
     fill_later = not set(required) - set(tensors) and not is_principal_init(config.init)
     with restored_on_failure(model):
@@ -393,6 +397,7 @@ def _copy_in(model: nn.Module, tensors: dict, targets: dict, adapter: str, new_a
             carried_paths(model).add(target[1])
 
 
+@changes_adapters
 def load_adapter_weights(
     model: nn.Module, directory: str | os.PathLike, adapter: str = "default", *, strict: bool = True
 ) -> nn.Module:
@@ -442,7 +447,7 @@ def checked_tensors_for_existing(model: nn.Module, directory: str | os.PathLike,
     """
     _require_adapter(model, adapter)
     config = adapter_configs(model)[adapter]
-    found = read_adapter(directory)
+    found = read_adapter(directory, values=False)
     _check_same_math(model, adapter, config, found)
     tensors = _principal_from_lora(model, adapter, found.tensors, found.source)
     resolved = Plan([], [], None, {})
@@ -461,4 +466,4 @@ def checked_tensors_for_existing(model: nn.Module, directory: str | os.PathLike,
     ]
     required, optional = _expected(model, resolved, config)
     _check_tensors(model, tensors, required, optional, config, strict, str(directory))
-    return tensors, required, optional
+    return checked_values(tensors, str(directory)), required, optional

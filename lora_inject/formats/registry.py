@@ -102,10 +102,11 @@ def format_of(path: str | os.PathLike) -> AdapterFormat:
     )
 
 
-def read_adapter(path: str | os.PathLike) -> Adapter:
+def read_adapter(path: str | os.PathLike, values: bool = True) -> Adapter:
     """Read any registered format into the canonical form and validate it (``validate.py``): every reader of an
-    adapter goes through here. No model is needed; see :func:`convert` for what needs one."""
-    return validate(format_of(path).read(Path(path)))
+    adapter goes through here. No model is needed; see :func:`convert` for what needs one. ``values=False``:
+    the caller checks shapes first and then calls ``validate.checked_values`` before using any value."""
+    return validate(format_of(path).read(Path(path)), values=values)
 
 
 def convert(adapter: Adapter, stage: Stage, context: Any) -> Adapter:

@@ -36,6 +36,7 @@ from ..inject import active_adapters, adapter_configs, delete_adapter, lora_laye
 from ..merging import merge as _merge
 from ..merging import unload as _unload
 from ..merging import unmerge as _unmerge
+from ..threads import changing
 
 ATTRIBUTES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
@@ -73,7 +74,7 @@ def load_lora(pipe, path: str | os.PathLike, adapter: str = "default", weight: f
     before anything changes (``strict=False``: load what fits, warn with the rest). ``path`` may be a hub id
     with ``weight_name=`` (and ``revision``, ``subfolder``, ``cache_dir``, ``token``, ``local_files_only``).
     Returns ``pipe``."""
-    read = read_adapter(adapter_folder(path, **hub_kwargs))
+    read = read_adapter(adapter_folder(path, **hub_kwargs), values=False)  # load_read_adapter checks them
     if read.format != "kohya":
         raise AdapterFileError(f"{path} is {read.format!r} adapter of one model, not a diffusion LoRA file: load it "
                                "into its component, e.g. li.load_adapter(pipe.unet, path).")
@@ -112,11 +113,12 @@ def set_weights(pipe, weights: Mapping[str, float]) -> None:
         if merged:
             raise ConfigError(f"Adapter {merged[0][1]!r} is merged into {merged[0][0]}; unmerge before changing its "
                               "weight.")
-        for path, layer in layers:
-            for name, weight in weights.items():
-                if name in layer.scaling:
-                    layer.scaling[name] = configs[name].scale_for(path) * float(weight)
-            layer._refresh_running()  # the forward's precomputed (factors, scale) per running adapter
+        with changing(model):  # forwards in flight finish with the old weights; new ones wait
+            for path, layer in layers:
+                for name, weight in weights.items():
+                    if name in layer.scaling:
+                        layer.scaling[name] = configs[name].scale_for(path) * float(weight)
+                layer._refresh_running()  # the forward's precomputed (factors, scale) per running adapter
 
 
 def _load_all(placed: dict, present: dict, adapter: str) -> None:

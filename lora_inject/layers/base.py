@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from torch.compiler import is_compiling
 from ..errors import AdapterExistsError, AdapterNotFoundError, MergeError, UnsupportedModuleError
 from ..guards import full_shape
 from ..quantized.registry import quantized_kind
+from ..threads import per_thread, view_of
 from .dora import DoraEntry, Magnitude, norm_dtype, row_norms, squared_row_norms
 
 
@@ -38,6 +39,21 @@ class StandsIn(nn.Module):
                 raise
             return getattr(self.base_layer, name)
 
+    # What runs, as each thread sees it (lora_inject/threads.py); a DataParallel replica keeps its maker's view.
+    _per_thread_fields: tuple[str, ...] = ("active_adapters", "adapters_disabled", "_routing")
+    adapters_disabled = per_thread("adapters_disabled", "disabled")
+    _routing = per_thread("_routing", "routing")  # a per-row routing while lora_inject.batch_adapters is active
+
+    def check_active(self, names: Sequence[str]) -> None:
+        """Raise if ``names`` cannot run together here (before a block makes them run)."""
+
+    def _replicate_for_data_parallel(self):
+        replica = super()._replicate_for_data_parallel()
+        if view_of(self) is not None:  # DataParallel runs the replicas in threads of its own
+            for field in self._per_thread_fields:
+                replica.__dict__[field] = getattr(self, field)
+        return replica
+
 
 class LoraLayer(StandsIn):
     """Base class of all LoRA wrappers.
@@ -51,6 +67,7 @@ class LoraLayer(StandsIn):
     """
 
     adapter_param_names: tuple[str, ...] = ("lora_A", "lora_B")
+    _per_thread_fields = (*StandsIn._per_thread_fields, "_running")
     supports_dora = False
     supports_lora_bias = False
     supports_principal_init = False
@@ -78,7 +95,8 @@ class LoraLayer(StandsIn):
             # what forward needs per running adapter (active, not merged), precomputed on each
             # state change so the hot path does no dictionary lookups: (factor containers, scale, p)
             _running=(),
-            _routing=None,  # a per-row routing while lora_inject.batch_adapters is active (see batching.py)
+            _running_kept={},  # the same for the adapter lists of threads' using_adapter blocks
+            _routing=None,
         )
 
     # ----- what subclasses provide -----------------------------------------------------------
@@ -267,7 +285,7 @@ class LoraLayer(StandsIn):
         for cache in ("_dora_kept", "_dora_nonzero"):
             self.__dict__.get(cache, {}).pop(name, None)
         self.__dict__.pop("_dora_fast", None)
-        self.set_active([a for a in self.active_adapters if a != name])
+        self.set_active([a for a in self.__dict__["active_adapters"] if a != name])
 
     def adapter_parameters(self, name: str) -> Iterable[nn.Parameter]:
         for container in self.containers(name):
@@ -284,8 +302,39 @@ class LoraLayer(StandsIn):
         self._refresh_running()
 
     def _refresh_running(self) -> None:
-        names = () if self.adapters_disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
-        self._running = tuple(self._running_entry(n) for n in names)
+        own = self.__dict__
+        names = () if own["adapters_disabled"] else [n for n in own["active_adapters"] if n not in self.merged_adapters]
+        own["_running"] = tuple(self._running_entry(n) for n in names)
+        own["_running_kept"] = {}
+
+    @property
+    def active_adapters(self) -> tuple[str, ...]:
+        """The active adapters (of this layer's), as this thread sees them: its block's, else the model's."""
+        view = view_of(self)
+        if view is not None and view.active is not None:
+            return tuple(n for n in view.active if n in self.r)
+        return self.__dict__["active_adapters"]
+
+    @active_adapters.setter
+    def active_adapters(self, names: tuple[str, ...]) -> None:
+        self.__dict__["active_adapters"] = names
+
+    @property
+    def _running(self) -> tuple:
+        """What forward runs (see :meth:`_running_entry`), as this thread sees it: its view, else the model's."""
+        view = view_of(self)
+        if view is None or (view.active is None and not view.disabled):
+            return self.__dict__["_running"]
+        if view.disabled or self.__dict__["adapters_disabled"]:
+            return ()
+        kept = self.__dict__["_running_kept"]
+        entries = kept.get(view.active)
+        if entries is None:
+            merged = self.merged_adapters
+            entries = tuple(self._running_entry(n) for n in view.active if n in self.r and n not in merged)
+            if not is_compiling() and len(kept) < 64:
+                kept[view.active] = entries
+        return entries
 
     def _running_entry(self, name: str) -> tuple:
         """What forward needs to run adapter ``name``: a :class:`DoraEntry` for DoRA, else :meth:`_entry`."""

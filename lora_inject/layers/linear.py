@@ -10,6 +10,7 @@ from torch import nn
 from torch.compiler import is_compiling
 
 from ..guards import full_shape
+from ..threads import keep_recent
 from .base import LoraLayer, resize_parameter
 from .dora import DoraEntry
 from .dropout import dropped_projection
@@ -191,8 +192,7 @@ class LoraLinear(LoraLayer):
                     g_all.index_select(0, slots) if dora else None)
         kept.pop(self._routing, None)
         kept[self._routing] = (state, selected)
-        while len(kept) > ROUTED_KEPT:
-            kept.pop(next(iter(kept)))
+        keep_recent(kept, ROUTED_KEPT)
         return selected
 
     def _stack_all(self, dtype: torch.dtype, device: torch.device):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterExistsError, AdapterNotFoundError
+from ..threads import view_of
 from .base import StandsIn
 
 
@@ -21,8 +22,21 @@ class ModulesToSave(StandsIn):
         super().__init__()
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
-        self.active_adapter: str | None = None
-        self.adapters_disabled = False
+        self.__dict__.update(active_adapter=None, adapters_disabled=False, _routing=None)
+
+    _per_thread_fields = ("active_adapter", "adapters_disabled", "_routing")
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The adapter whose copy runs, as this thread sees it (a block's first adapter this module has)."""
+        view = view_of(self)
+        if view is not None and view.active is not None:
+            return next((n for n in view.active if n in self.modules_to_save), None)
+        return self.__dict__["active_adapter"]
+
+    @active_adapter.setter
+    def active_adapter(self, name: str | None) -> None:
+        self.__dict__["active_adapter"] = name
 
     @property
     def base_layer(self) -> nn.Module:
@@ -89,7 +103,7 @@ class ModulesToSave(StandsIn):
         if name not in self.modules_to_save:
             raise AdapterNotFoundError(f"No adapter {name!r} on this module.")
         del self.modules_to_save[name]
-        if self.active_adapter == name:
+        if self.__dict__["active_adapter"] == name:
             self.active_adapter = None
 
     def containers(self, name: str) -> tuple[str, ...]:
@@ -101,10 +115,10 @@ class ModulesToSave(StandsIn):
 
     def set_active(self, names, trainable: bool = True) -> None:
         names = [n for n in names if n in self.modules_to_save]
-        self.active_adapter = names[0] if names else None
+        active = self.active_adapter = names[0] if names else None
         if trainable:
             for name, module in self.modules_to_save.items():
-                module.requires_grad_(name == self.active_adapter)
+                module.requires_grad_(name == active)
 
     def follow_base_resize(self) -> None:
         """``original_module`` was resized in place (``resize_token_embeddings``): each trained copy keeps its
@@ -125,8 +139,6 @@ class ModulesToSave(StandsIn):
 
     def set_disabled(self, disabled: bool) -> None:
         self.adapters_disabled = disabled
-
-    _routing = None  # per-row adapters while lora_inject.batch_adapters is active
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         if self._routing is not None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterExistsError, AdapterNotFoundError, MergeError
+from ..threads import per_thread
 from .base import StandsIn, apply_keeping_float32, default_adapter_dtype
 
 
@@ -88,6 +89,8 @@ class TrainableTokens(StandsIn):
     two then share the trained rows, and only the embedding's are saved and merged.
     """
 
+    active_adapters = per_thread("active_adapters", "active")
+
     def __init__(self, base_layer: nn.Module, tied_to: TrainableTokens | None = None) -> None:
         super().__init__()
         self.token_adapter = TokenRows(base_layer, None if tied_to is None else tied_to.token_adapter)
@@ -96,6 +99,7 @@ class TrainableTokens(StandsIn):
             _tied_to=tied_to,  # in __dict__, not a submodule: no second path to the embedding
             active_adapters=(),
             adapters_disabled=False,
+            _routing=None,
             _own_merged=[],
             _rows_before_merge={},  # adapter -> the base rows its merge overwrote, to unmerge exactly
         )
@@ -164,7 +168,7 @@ class TrainableTokens(StandsIn):
         if self._tied_to is None:
             del self.token_adapter.trainable_tokens_delta[name]
             del self.token_adapter.token_ids._buffers[name]
-        self.active_adapters = tuple(n for n in self.active_adapters if n != name)
+        self.active_adapters = tuple(n for n in self.__dict__["active_adapters"] if n != name)
 
     def containers(self, name: str) -> tuple[str, ...]:
         """Where ``name``'s tensors live in the state dict; a tied head keeps none of its own (the
@@ -181,6 +185,9 @@ class TrainableTokens(StandsIn):
         if trainable:
             for name, rows in self.token_adapter.trainable_tokens_delta.items():
                 rows.requires_grad_(name in names)
+
+    def check_active(self, names: Sequence[str]) -> None:
+        self._check_disjoint([n for n in names if n in self.adapter_names])
 
     def set_disabled(self, disabled: bool) -> None:
         self.adapters_disabled = disabled
@@ -211,8 +218,6 @@ class TrainableTokens(StandsIn):
             return []
         deltas, merged = self.token_adapter.trainable_tokens_delta, self.merged_adapters
         return [n for n in self.active_adapters if n in deltas and n not in merged]
-
-    _routing = None  # per-row adapters while lora_inject.batch_adapters is active
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from ..errors import AdapterNotFoundError, ConfigError, MergeError
-from ..guards import model_lock, unwrap
-from ..inject import _STATE_ATTR, _adapter_modules
+from ..guards import unwrap
+from ..inject import _STATE_ATTR, _adapter_modules, recomputes_in_backward, using_adapter
+from ..threads import changing, keep_recent, model_lock, opened
 
 
 class Routing:
@@ -96,40 +97,37 @@ def batch_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
 
     Works for ``forward`` and ``generate`` (beams and ``num_return_sequences`` expand rows; each row
     keeps its name). A row whose adapter does not adapt a layer uses the base there. Adapters must not
-    be merged, nor disabled. The previous state comes back on exit, also when the block raises.
+    be merged, nor disabled. For the thread that entered the block only (other threads' forwards keep
+    their own adapters); on exit the thread sees the model's adapters again, also when the block raises.
     """
     inner = unwrap(model)
     _check_names(inner, names)
-    with model_lock(inner):  # blocks of other threads wait (they would see, and undo, this routing)
-        with _batch_adapters(model, inner, names) as entered:
-            yield entered
-
-
-@contextlib.contextmanager
-def _batch_adapters(model: nn.Module, inner: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     modules = [m for _, m in _adapter_modules(inner)]
     merged = sorted({n for m in modules for n in m.merged_adapters})
     if merged:
         raise MergeError(f"batch_adapters: adapters {merged} are merged into the weights; unmerge them first.")
-    if any(getattr(m, "adapters_disabled", False) for m in modules):
+    if any(m.adapters_disabled for m in modules):
         raise ConfigError("batch_adapters inside disabled_adapters: the adapters are off, so the names would be "
                           "ignored. Use None for the rows that should run the base model.")
-    if any(m.__dict__.get("_routing") is not None for m in modules):
+    if any(m._routing is not None for m in modules):
         raise ConfigError("batch_adapters blocks do not nest; leave the outer one first.")
     if len(set(names)) == 1:  # one adapter (or the base) for every row: the ordinary path is the fastest
-        from ..inject import using_adapter
-
         with using_adapter(model, names[0]):
             yield model
         return
     routing = _routing_for(inner, names)
-    try:
-        for module in modules:
-            module.__dict__["_routing"] = routing
+    if recomputes_in_backward(inner):
+        with changing(inner):
+            try:
+                for module in modules:
+                    module.__dict__["_routing"] = routing
+                yield model
+            finally:
+                for module in modules:
+                    module.__dict__["_routing"] = None
+        return
+    with model_lock(inner).shared(), opened(modules, routing=routing):
         yield model
-    finally:
-        for module in modules:
-            module.__dict__["_routing"] = None
 
 
 _ROUTINGS = "_lora_inject_routings"
@@ -144,6 +142,6 @@ def _routing_for(model: nn.Module, names: Sequence[str | None]) -> Routing:
     key = tuple(names)
     routing = kept.pop(key, None) or Routing(names)
     kept[key] = routing  # most recent last
-    while len(kept) > _KEPT_ROUTINGS:
-        kept.pop(next(iter(kept)))
+    keep_recent(kept, _KEPT_ROUTINGS)
     return routing
+

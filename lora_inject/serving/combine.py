@@ -22,12 +22,14 @@ from ..inject import _STATE_ATTR, _require_adapter, check_adapter_name, inject_r
 from ..layers import LoraLayer
 from ..layers.principal import is_principal_init
 from ..targeting.plan import resolve
+from ..threads import changes_adapters
 
 FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SVD_METHODS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 METHODS = ("cat", *FACTOR_METHODS, *SVD_METHODS)
 
 
+@changes_adapters
 def combine_adapters(
     model: nn.Module, weights: Mapping[str, float], name: str, method: str = "cat", *,
     density: float | None = None, majority_sign_method: str = "total", svd_rank: int | None = None,

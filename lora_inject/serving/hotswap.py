@@ -20,14 +20,16 @@ from ..errors import AdapterFileError, ConfigError
 from ..formats.hub import adapter_folder
 from ..formats.registry import read_adapter
 from ..formats.validate import unpaired
-from ..guards import model_lock, unwrap
+from ..guards import unwrap
 from ..inject import _STATE_ATTR, _require_adapter, lora_layers
 from ..layers import LoraLayer
 from ..layers.parameter import LoraParameter
+from ..threads import changes_adapters, changing
 
 _PREPARED = "_lora_inject_hotswap"  # adapter -> max_rank, on the model
 
 
+@changes_adapters
 def prepare_hotswap(model: nn.Module, max_rank: int, adapter: str = "default") -> nn.Module:
     """Make adapter ``adapter`` swappable for any adapter of rank <= ``max_rank`` on the same layers.
 
@@ -109,7 +111,7 @@ def hotswap_adapter(
                                "load_adapter instead.")
     layers = {p: m for p, m in lora_layers(inner) if adapter in m.r}
     writes = _planned_writes(layers, adapter, config, tensors, max_rank, str(folder))
-    with model_lock(inner), torch.no_grad():  # not while another thread's using/batch_adapters block runs
+    with changing(inner), torch.no_grad():  # waits for the forwards and blocks in flight; new ones wait
         for (a, b), (new_a, new_b) in writes:
             a.copy_(new_a)
             b.copy_(new_b)

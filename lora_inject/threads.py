@@ -1,0 +1,248 @@
+"""Several threads on one model: what each sees, and who may change it when.
+
+**Views.** ``using_adapter``, ``disabled_adapters`` and ``batch_adapters`` are per call: each opens a
+:class:`View` for the thread that entered it, an overlay on the model's own state (which ``set_adapter``
+changes, model-wide as in PEFT). Adapter modules read what runs through :func:`per_thread` properties, so a
+request's block never shows in another thread's forward. torch.compile guards on the thread-local read: a
+compiled model recompiles once per view instead of running a stale graph (tests/test_threads.py).
+
+**The model's lock** (:class:`ModelLock`, kept outside the model): forwards of the model and open blocks
+share it; what changes the adapters themselves (loading, hot swaps, ``set_adapter``, merging, deleting) takes
+it alone, waiting for the forwards and blocks in flight. A forward sees the adapters before a change or after
+it, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import threading
+import weakref
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .errors import ConcurrencyError
+from .guards import unwrap
+
+_LOCAL = threading.local()  # .views: {adapter module: View} of this thread's open blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """One adapter module as this thread's blocks see it: which adapters run (``None``: the module's own),
+    whether they are off, and the per-row routing of ``batch_adapters`` (``None``: none)."""
+
+    active: tuple[str, ...] | None = None
+    disabled: bool = False
+    routing: object = None
+
+
+def view_of(module: nn.Module) -> View | None:
+    views = getattr(_LOCAL, "views", None)
+    return None if views is None else views.get(module)
+
+
+def per_thread(field: str, view_field: str) -> property:
+    """A property answering this thread's view where it sets ``view_field``, else the module's own ``field``,
+    kept in ``__dict__`` under that name (assignments write it there)."""
+
+    def read(self):
+        views = getattr(_LOCAL, "views", None)
+        if views is not None:
+            view = views.get(self)
+            if view is not None:
+                value = getattr(view, view_field)
+                if value is not None and value is not False:
+                    return value
+        return self.__dict__[field]
+
+    def write(self, value) -> None:
+        self.__dict__[field] = value
+
+    return property(read, write, doc=f"``{field}`` as this thread sees it (see lora_inject/threads.py).")
+
+
+@contextlib.contextmanager
+def opened(modules: Iterable[nn.Module], **changes) -> Iterator[None]:
+    """This thread sees ``modules`` with ``changes`` (View fields) on top of its enclosing views."""
+    before = getattr(_LOCAL, "views", None)
+    views = dict(before) if before else {}
+    for module in modules:
+        views[module] = dataclasses.replace(views.get(module) or View(), **changes)
+    _LOCAL.views = views
+    try:
+        yield
+    finally:
+        _LOCAL.views = before
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """This thread sees the model's own state: what changes the model reads and writes that, not a view."""
+    before = getattr(_LOCAL, "views", None)
+    _LOCAL.views = None
+    try:
+        yield
+    finally:
+        _LOCAL.views = before
+
+
+def keep_recent(kept: dict, limit: int) -> None:
+    """Drop the oldest entries of the cache ``kept`` beyond ``limit``; other threads may change it meanwhile."""
+    while len(kept) > limit:
+        try:
+            kept.pop(next(iter(kept)), None)
+        except (RuntimeError, StopIteration):  # changed or emptied by another thread meanwhile: look again
+            continue
+
+
+class ModelLock:
+    """Shared by forwards and open blocks, taken alone by changes; re-entrant both ways in one thread.
+
+    A change waits for every other holder to leave, and new shared holders wait while a change waits (so a
+    stream of requests cannot starve a hot swap). A thread holding it shared may change the model once the
+    others have left; two threads doing that at once would wait for each other forever, so the second is
+    refused with :class:`ConcurrencyError`.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._shared: dict[int, int] = {}  # thread id -> depth
+        self._owner: int | None = None
+        self._depth = 0
+        self._waiting = 0  # changes waiting
+        self._upgrading: int | None = None
+
+    def acquire_shared(self) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner != me and me not in self._shared:
+                while self._owner is not None or self._waiting:
+                    self._cond.wait()
+            self._shared[me] = self._shared.get(me, 0) + 1
+
+    def release_shared(self) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            depth = self._shared.get(me, 0)
+            if depth <= 1:
+                self._shared.pop(me, None)
+                self._cond.notify_all()
+            else:
+                self._shared[me] = depth - 1
+
+    def acquire(self) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return
+            if me in self._shared:
+                if self._upgrading is not None:
+                    raise ConcurrencyError(
+                        "Two threads inside blocks or forwards of this model both tried to change its adapters; each "
+                        "waits for the other to leave, so this one gives up. Change adapters (load, hot swap, "
+                        "set_adapter, merge) outside using_adapter/batch_adapters blocks."
+                    )
+                self._upgrading = me
+            self._waiting += 1
+            try:
+                while self._owner is not None or any(t != me for t in self._shared):
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+                if self._upgrading == me:
+                    self._upgrading = None
+            self._owner, self._depth = me, 1
+
+    def release(self) -> None:
+        with self._cond:
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        self.acquire_shared()
+        try:
+            yield
+        finally:
+            self.release_shared()
+
+    @contextlib.contextmanager
+    def alone(self) -> Iterator[None]:
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> ModelLock:
+    """``model``'s lock, kept outside it (``copy.deepcopy`` and pickling still work; a copy gets its own)."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = ModelLock()
+        return lock
+
+
+@contextlib.contextmanager
+def changing(model: nn.Module) -> Iterator[None]:
+    """Around what changes ``model``'s adapters: alone, and on the model's own state (not this thread's views)."""
+    with model_lock(model).alone(), suspended():
+        yield
+
+
+def changes_adapters(function):
+    """``function(model, ...)`` changes the adapters: it runs :func:`changing` the (unwrapped) model."""
+
+    @functools.wraps(function)
+    def run(model, *args, **kwargs):
+        with changing(unwrap(model)):
+            return function(model, *args, **kwargs)
+
+    return run
+
+
+# ----- every forward of the model holds its lock shared ----------------------------------------------------
+# A compiled graph cannot take a lock: under torch.compile(model) the hooks are traced as nothing (docs/serving.md).
+# Each leave pairs with an enter of this thread (a hook before ours that raised calls our leave without an enter).
+def _enter_forward(module: nn.Module, args) -> None:
+    if not torch.compiler.is_compiling():
+        model_lock(module).acquire_shared()
+        held = _LOCAL.__dict__.setdefault("forwards", {})
+        held[id(module)] = held.get(id(module), 0) + 1
+
+
+def _leave_forward(module: nn.Module, args, output) -> None:
+    if not torch.compiler.is_compiling():
+        held = _LOCAL.__dict__.get("forwards", {})
+        depth = held.get(id(module), 0)
+        if depth:
+            held[id(module)] = depth - 1
+            model_lock(module).release_shared()
+
+
+def hold_during_forwards(model: nn.Module) -> None:
+    """Hooks on ``model`` (the module adapters were injected into) holding its lock for each forward; once."""
+    if _enter_forward in model._forward_pre_hooks.values():
+        return
+    model.register_forward_pre_hook(_enter_forward, prepend=True)
+    model.register_forward_hook(_leave_forward, always_call=True)
+
+
+def release_forwards(model: nn.Module) -> None:
+    """Remove :func:`hold_during_forwards`' hooks (the model is plain again)."""
+    for hooks, hook in ((model._forward_pre_hooks, _enter_forward), (model._forward_hooks, _leave_forward)):
+        for key in [k for k, v in hooks.items() if v is hook]:
+            del hooks[key]
+            model._forward_hooks_always_called.pop(key, None)
