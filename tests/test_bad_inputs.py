@@ -123,6 +123,26 @@ def test_dora_without_magnitudes_is_refused_by_every_reader(base_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("reader", ["load_adapter", "load_adapter_weights"])
+def test_a_wrong_shaped_tensor_is_refused_before_any_value_is_read(base_dir, tmp_path, monkeypatch, reader):
+    """Shapes come from the header; values are read only once every shape fits the model."""
+    from lora_inject.formats import validate
+
+    _adapter(base_dir, tmp_path / "a", dora=True)
+    big = 1 << 22  # a magnitude of 4M values where the layer has 32 rows (a real file: gigabytes)
+    _edit_tensors(tmp_path / "a", lambda t: [t.__setitem__(k, torch.ones(big)) for k in list(t) if "magnitude" in k])
+    model = _fresh(base_dir)
+    if reader == "load_adapter_weights":
+        li.inject(model, targets=["q_proj", "v_proj"], r=4, dora=True)
+    before = _state(model)
+    read = []
+    monkeypatch.setattr(validate, "all_finite", lambda v: read.append(v.numel()) or True)
+    with pytest.raises(li.AdapterFileError, match="shape"):
+        getattr(li, reader)(model, tmp_path / "a")
+    assert read == []
+    _unchanged(model, before)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_a_non_finite_factor_is_refused_by_load_and_merge(base_dir, tmp_path, value):
     _adapter(base_dir, tmp_path / "a")
@@ -296,6 +316,84 @@ def test_saving_into_a_folder_keeps_what_else_it_holds(base_dir, tmp_path):
     stale.mkdir()
     li.save_adapter(model, tmp_path / "a")
     assert not stale.exists()
+
+
+def _outputs(base_dir, folder):
+    import transformers as t
+
+    model = li.load_adapter(t.AutoModelForCausalLM.from_pretrained(base_dir), folder).eval()
+    with torch.no_grad():
+        return model(torch.arange(8)[None]).logits
+
+
+def test_overwriting_an_adapter_folder_exchanges_it_whole(base_dir, tmp_path, monkeypatch):
+    """Nothing can fall between the new weights and the new config: the folder is replaced in one step."""
+    from lora_inject.formats import folder
+
+    _adapter(base_dir, tmp_path / "a", alpha=8)
+    os.chmod(tmp_path / "a", 0o750)
+    inode = (tmp_path / "a").stat().st_ino
+    renamed = []
+    monkeypatch.setattr(folder.os, "replace", lambda *a: renamed.append(a))  # the file-by-file way: not taken
+    _adapter(base_dir, tmp_path / "b", alpha=32)
+    model = _adapter(base_dir, tmp_path / "a", alpha=32)
+    assert renamed == [] and (tmp_path / "a").stat().st_ino != inode
+    assert (tmp_path / "a").stat().st_mode & 0o7777 == 0o750  # the folder's own permissions stay
+    assert json.loads((tmp_path / "a" / CONFIG).read_text())["lora_alpha"] == 32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "base"]  # the previous folder is gone
+    li.save_adapter(model, tmp_path / "b")
+    torch.testing.assert_close(_outputs(base_dir, tmp_path / "a"), _outputs(base_dir, tmp_path / "b"))
+
+
+def test_without_an_exchange_a_crash_between_the_renames_leaves_no_mix_and_the_next_save_mends_it(
+        base_dir, tmp_path, monkeypatch):
+    from lora_inject.formats import folder
+
+    _adapter(base_dir, tmp_path / "a", alpha=8)
+    before = _outputs(base_dir, tmp_path / "a")
+    monkeypatch.setattr(folder, "_exchange", lambda a, b: False)  # no renameat2 (macOS, old kernels)
+    real = os.rename
+
+    def killed(src, dst):
+        if Path(dst) == tmp_path / "a" and ".saving-" in str(src):
+            raise KeyboardInterrupt  # the process dies between moving the old folder aside and the new one in
+        return real(src, dst)
+
+    monkeypatch.setattr(folder.os, "rename", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _adapter(base_dir, tmp_path / "a", alpha=32)
+    monkeypatch.setattr(folder.os, "rename", real)
+    with pytest.raises(li.AdapterFileError):  # no folder: an error, never new weights with the old config
+        _outputs(base_dir, tmp_path / "a")
+    li.save_adapter(li.inject(tiny_llama(), targets=["q_proj"], r=2), tmp_path / "other")  # another target
+    assert not (tmp_path / "a").exists()
+    model = _adapter(base_dir, tmp_path / "b", alpha=32)
+    li.save_adapter(model, tmp_path / "a")  # puts the previous folder back first, then replaces it whole
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".a.")]
+    torch.testing.assert_close(_outputs(base_dir, tmp_path / "a"), _outputs(base_dir, tmp_path / "b"))
+    assert not torch.allclose(_outputs(base_dir, tmp_path / "a"), before)
+
+
+def test_a_crash_between_the_files_of_a_folder_holding_other_files_is_reported_when_read(base_dir, tmp_path,
+                                                                                         monkeypatch):
+    from lora_inject.formats import folder
+
+    _adapter(base_dir, tmp_path / "a", alpha=8)
+    (tmp_path / "a" / "optimizer.pt").write_bytes(b"state")  # a Trainer checkpoint: saved file by file
+    real = os.replace
+
+    def killed(src, dst):
+        if Path(dst).name == CONFIG:
+            raise KeyboardInterrupt  # dies after the weights went in, before the config did
+        return real(src, dst)
+
+    monkeypatch.setattr(folder.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _adapter(base_dir, tmp_path / "a", alpha=32)
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match=r"not the config these weights were saved with \(lora_alpha: 8 \(saved "
+                                         r"with 32\)"):
+        _outputs(base_dir, tmp_path / "a")
 
 
 def test_a_failed_final_swap_of_a_forced_merge_restores_the_previous_output(base_dir, tmp_path, monkeypatch):

@@ -3,10 +3,14 @@ anything), listing a folder for messages, and the atomic write of several files 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
+import functools
 import glob
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -31,20 +35,13 @@ def read_safetensors(path: Path, with_metadata: bool = False):
     """``{name: tensor}`` of a safetensors file (and its metadata dict with ``with_metadata``)."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            tensors = {key: _aligned(handle.get_tensor(key)) for key in handle.keys()}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # mapped: read where used
             return (tensors, handle.metadata() or {}) if with_metadata else tensors
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, NotImplementedError) as exc:
         raise AdapterFileError(
             f"{path} is not a readable safetensors file ({type(exc).__name__}: {str(exc)[:200]}). It is truncated "
             "or corrupt; re-save or re-download the adapter."
         ) from None
-
-
-def _aligned(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor, copied where it starts at an odd address of the mapped file (after a 2-byte alpha, or a
-    header of any length): every later pass over it (validation, the copy into the model) runs ~3x slower
-    there. One copy is cheaper than those passes."""
-    return tensor.clone() if tensor.data_ptr() % 64 else tensor
 
 
 def read_legacy_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -72,26 +69,39 @@ def text_writer(text: str) -> Callable[[str], object]:
 def write_atomically(directory: str | os.PathLike, files: Mapping[str, Callable[[str], object]]) -> Path:
     """Write ``{file name: writer(temporary path)}`` into ``directory``, each file whole.
 
-    A folder that does not exist yet is built beside its place (files written and fsynced) and renamed into
-    place at once: no reader ever sees part of it. Into an existing folder each file goes to a temporary name
-    first (fsynced), then all are renamed into place, the weights first: a failure while writing leaves the
-    folder as it was. (Swapping an existing folder whole would lose what other writers put there meanwhile,
-    such as the other ranks' files in a Trainer checkpoint; see docs/adapter-files.md.)
+    A folder is built beside its place (files written and fsynced) and put in place at once, so no reader
+    ever sees part of it: renamed in where there was none; exchanged with the previous folder in one step
+    (Linux ``renameat2``; elsewhere two renames, the previous folder put back by the next write if a crash
+    falls between them) where that held nothing but files this write replaces. A folder holding other
+    files too (a Trainer checkpoint, which the other ranks write into meanwhile) keeps them: each file goes
+    to a temporary name (fsynced), then all are renamed into place, the weights first; a failure while
+    writing leaves the folder as it was.
     """
     directory = Path(directory)
     if directory.parent.exists() and not directory.parent.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(directory.parent))
     directory.parent.mkdir(parents=True, exist_ok=True)
     put_back_leftovers(directory)
-    if not directory.exists() and not directory.is_symlink() and _create_whole(directory, files):
+    if directory.is_symlink():
+        return _rename_files(directory, files)
+    if not directory.exists() and _create_whole(directory, files):
+        return directory
+    if len(files) > 1 and _only(directory, files) and _create_whole(directory, files, replacing=True):
         return directory
     return _rename_files(directory, files)
 
 
-def _create_whole(directory: Path, files: Mapping[str, Callable[[str], object]]) -> bool:
-    """Build ``directory`` beside its place and rename it in; False where that cannot be done (a parent we may
-    not write in, another writer that made the folder meanwhile): then the files go in one by one. A writer's
-    own failure propagates, leaving nothing behind."""
+def _only(directory: Path, files: Mapping[str, object]) -> bool:
+    """Whether ``directory`` is a folder holding some of ``files`` and nothing else (an empty one may be a
+    checkpoint folder that other ranks are about to write into)."""
+    entries = set(listing(directory)) if directory.is_dir() else set()
+    return bool(entries) and entries <= set(files)
+
+
+def _create_whole(directory: Path, files: Mapping[str, Callable[[str], object]], replacing: bool = False) -> bool:
+    """Build ``directory`` beside its place and put it there (``replacing``: in place of the folder there now);
+    False where that cannot be done (a parent we may not write in, another writer that made or changed the
+    folder meanwhile): then the files go in one by one. A writer's own failure propagates, leaving nothing."""
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-{os.getpid()}-", dir=directory.parent))
     except OSError:
@@ -99,19 +109,68 @@ def _create_whole(directory: Path, files: Mapping[str, Callable[[str], object]])
     try:
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would make the adapter unreadable to others
+        mode = 0o777 & ~umask
+        if replacing:
+            with contextlib.suppress(OSError):
+                mode = stat.S_IMODE(os.stat(directory).st_mode)  # a shared folder's group bits stay
+        os.chmod(staging, mode)  # mkdtemp's 0700 would make the adapter unreadable to others
         for name, write in files.items():
             write(str(staging / name))
             _readable(staging / name)
             _fsync(staging / name)
         _fsync(staging)
+        if replacing and not _only(directory, files):  # another writer put a file there meanwhile: keep it
+            return False
         try:
-            os.rename(staging, directory)  # fails if another writer made the folder meanwhile: nothing replaced
+            if replacing:
+                _replace_folder(staging, directory)
+            else:
+                os.rename(staging, directory)  # fails if another writer made the folder meanwhile: nothing replaced
         except OSError:
             return False
+        _fsync_folder(directory.parent)
         return True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace_folder(staging: Path, directory: Path) -> None:
+    """Put ``staging`` in place of ``directory``; afterwards ``staging`` holds the previous folder."""
+    if _exchange(staging, directory):
+        return
+    aside = directory.parent / f".{directory.name}.old-{os.getpid()}"
+    os.rename(directory, aside)
+    try:
+        os.rename(staging, directory)
+    except OSError:
+        os.rename(aside, directory)
+        raise
+    os.rename(aside, staging)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system cannot."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_cwd = -100
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # old kernel, a file system without it
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
 
 
 def put_back_leftovers(target: Path) -> None:
@@ -155,6 +214,12 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_folder(path: Path) -> None:
+    """Flush a folder's entries (a rename into it); some systems refuse that for folders: then nothing to do."""
+    with contextlib.suppress(OSError):
+        _fsync(path)
 
 
 def _rename_files(directory: Path, files: Mapping[str, Callable[[str], object]]) -> Path:

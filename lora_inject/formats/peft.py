@@ -93,11 +93,40 @@ def _without_prefix(tensors: dict, directory: Path) -> dict:
     return out
 
 
+# What decides the update's scale and form, recorded in the weights' metadata when we save: a folder whose config
+# says otherwise was caught between the two renames of a save into a folder holding other files (or edited).
+SCALE_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora", "lora_bias")
+SCALES_KEY = "lora_inject_scales"
+
+
+def _scales(data: dict) -> str:
+    return json.dumps({name: data.get(name) for name in SCALE_FIELDS}, sort_keys=True, default=str)
+
+
+def _warn_if_config_differs(directory: Path, data: dict, metadata: dict) -> None:
+    saved = metadata.get(SCALES_KEY)
+    if saved is None or saved == _scales(data):
+        return
+    try:
+        was = json.loads(saved)
+    except ValueError:
+        return
+    differ = [f"{name}: {data.get(name)!r} (saved with {was.get(name)!r})" for name in SCALE_FIELDS
+              if json.dumps(data.get(name), sort_keys=True, default=str) != json.dumps(was.get(name), sort_keys=True,
+                                                                                       default=str)]
+    if differ:
+        warnings.warn(
+            f"{directory}: {CONFIG_NAME} is not the config these weights were saved with ({'; '.join(differ[:3])}). "
+            "A save interrupted between its two files leaves such a folder: save the adapter again. If you edited "
+            "the config on purpose, the edited values are used.", stacklevel=4)
+
+
 def read(directory: Path) -> Adapter:
     raw = _config_bytes(directory)
     data = read_config_dict(directory, raw)
     config = from_peft_dict(data, str(Path(directory) / CONFIG_NAME))
     tensors, metadata = _tensors_and_metadata(Path(directory))
+    _warn_if_config_differs(Path(directory), data, metadata)
     notes = {"peft_version": data.get("peft_version"), "fan_in_fan_out": data.get("fan_in_fan_out", False),
              "written_by_us": "lora_inject_version" in metadata}
     return Adapter(config, tensors, str(directory), "peft", notes=notes)
@@ -108,7 +137,7 @@ def write(adapter: Adapter, directory: Path, model: nn.Module) -> Path:
     peft_config = to_peft_dict(model, adapter.name, adapter.config)
     tensors = {PEFT_PREFIX + key: value for key, value in adapter.tensors.items()}
     config_text = json.dumps(peft_config, indent=2, sort_keys=True)
-    metadata = {"format": "pt", "lora_inject_version": __version__}
+    metadata = {"format": "pt", "lora_inject_version": __version__, SCALES_KEY: _scales(peft_config)}
     return write_atomically(directory, {
         WEIGHTS_NAME: safetensors_writer(tensors, metadata),
         CONFIG_NAME: text_writer(config_text),
