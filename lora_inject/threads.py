@@ -18,16 +18,20 @@ import contextlib
 import dataclasses
 import functools
 import threading
-import weakref
 from collections.abc import Iterable, Iterator
 
-import torch
 from torch import nn
+from torch.compiler import is_compiling
 
 from .errors import ConcurrencyError
 from .guards import unwrap
 
-_LOCAL = threading.local()  # .views: {adapter module: View} of this thread's open blocks
+
+class _Local(threading.local):
+    views: dict | None = None  # {adapter module: View} of this thread's open blocks
+
+
+LOCAL = _Local()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +45,7 @@ class View:
 
 
 def view_of(module: nn.Module) -> View | None:
-    views = getattr(_LOCAL, "views", None)
+    views = LOCAL.views
     return None if views is None else views.get(module)
 
 
@@ -50,7 +54,7 @@ def per_thread(field: str, view_field: str) -> property:
     kept in ``__dict__`` under that name (assignments write it there)."""
 
     def read(self):
-        views = getattr(_LOCAL, "views", None)
+        views = LOCAL.views
         if views is not None:
             view = views.get(self)
             if view is not None:
@@ -68,26 +72,26 @@ def per_thread(field: str, view_field: str) -> property:
 @contextlib.contextmanager
 def opened(modules: Iterable[nn.Module], **changes) -> Iterator[None]:
     """This thread sees ``modules`` with ``changes`` (View fields) on top of its enclosing views."""
-    before = getattr(_LOCAL, "views", None)
+    before = LOCAL.views
     views = dict(before) if before else {}
     for module in modules:
         views[module] = dataclasses.replace(views.get(module) or View(), **changes)
-    _LOCAL.views = views
+    LOCAL.views = views
     try:
         yield
     finally:
-        _LOCAL.views = before
+        LOCAL.views = before
 
 
 @contextlib.contextmanager
 def suspended() -> Iterator[None]:
     """This thread sees the model's own state: what changes the model reads and writes that, not a view."""
-    before = getattr(_LOCAL, "views", None)
-    _LOCAL.views = None
+    before = LOCAL.views
+    LOCAL.views = None
     try:
         yield
     finally:
-        _LOCAL.views = before
+        LOCAL.views = before
 
 
 def keep_recent(kept: dict, limit: int) -> None:
@@ -109,30 +113,61 @@ class ModelLock:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._shared: dict[int, int] = {}  # thread id -> depth
+        self._forwards: dict[int, int] = {}  # thread id -> forwards of the model it is inside
         self._owner: int | None = None
         self._depth = 0
         self._waiting = 0  # changes waiting
         self._upgrading: int | None = None
 
+    def __deepcopy__(self, memo) -> ModelLock:
+        return ModelLock()  # a copied model is another model: nobody holds its lock yet
+
+    def __reduce__(self):
+        return ModelLock, ()
+
+    def _take_shared(self, me: int) -> None:
+        if self._owner != me and me not in self._shared:
+            while self._owner is not None or self._waiting:
+                self._cond.wait()
+        self._shared[me] = self._shared.get(me, 0) + 1
+
+    def _drop_shared(self, me: int) -> None:
+        depth = self._shared.get(me, 0)
+        if depth <= 1:
+            self._shared.pop(me, None)
+            self._cond.notify_all()
+        else:
+            self._shared[me] = depth - 1
+
     def acquire_shared(self) -> None:
-        me = threading.get_ident()
-        with self._cond:
-            if self._owner != me and me not in self._shared:
-                while self._owner is not None or self._waiting:
-                    self._cond.wait()
-            self._shared[me] = self._shared.get(me, 0) + 1
+        with self._mutex:
+            self._take_shared(threading.get_ident())
 
     def release_shared(self) -> None:
+        with self._mutex:
+            self._drop_shared(threading.get_ident())
+
+    def enter_forward(self) -> None:
         me = threading.get_ident()
-        with self._cond:
-            depth = self._shared.get(me, 0)
-            if depth <= 1:
-                self._shared.pop(me, None)
-                self._cond.notify_all()
-            else:
-                self._shared[me] = depth - 1
+        with self._mutex:
+            self._take_shared(me)
+            self._forwards[me] = self._forwards.get(me, 0) + 1
+
+    def leave_forward(self) -> None:
+        """Pairs with :meth:`enter_forward` of this thread: a hook before ours that raised calls the leaving hook
+        without an enter, which must not release a block's hold."""
+        me = threading.get_ident()
+        with self._mutex:
+            depth = self._forwards.get(me, 0)
+            if depth:
+                if depth == 1:
+                    del self._forwards[me]
+                else:
+                    self._forwards[me] = depth - 1
+                self._drop_shared(me)
 
     def acquire(self) -> None:
         me = threading.get_ident()
@@ -182,17 +217,17 @@ class ModelLock:
             self.release()
 
 
-_MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_MODEL_LOCKS_GUARD = threading.Lock()
+_LOCK_ATTR = "_lora_inject_lock"
+_CREATING = threading.Lock()
 
 
 def model_lock(model: nn.Module) -> ModelLock:
-    """``model``'s lock, kept outside it (``copy.deepcopy`` and pickling still work; a copy gets its own)."""
-    with _MODEL_LOCKS_GUARD:
-        lock = _MODEL_LOCKS.get(model)
-        if lock is None:
-            lock = _MODEL_LOCKS[model] = ModelLock()
-        return lock
+    """``model``'s lock, kept in its ``__dict__`` (``copy.deepcopy`` and pickling give a copy a fresh one)."""
+    lock = model.__dict__.get(_LOCK_ATTR)
+    if lock is None:
+        with _CREATING:
+            lock = model.__dict__.setdefault(_LOCK_ATTR, ModelLock())
+    return lock
 
 
 @contextlib.contextmanager
@@ -215,21 +250,16 @@ def changes_adapters(function):
 
 # ----- every forward of the model holds its lock shared ----------------------------------------------------
 # A compiled graph cannot take a lock: under torch.compile(model) the hooks are traced as nothing (docs/serving.md).
-# Each leave pairs with an enter of this thread (a hook before ours that raised calls our leave without an enter).
 def _enter_forward(module: nn.Module, args) -> None:
-    if not torch.compiler.is_compiling():
-        model_lock(module).acquire_shared()
-        held = _LOCAL.__dict__.setdefault("forwards", {})
-        held[id(module)] = held.get(id(module), 0) + 1
+    if not is_compiling():
+        (module.__dict__.get(_LOCK_ATTR) or model_lock(module)).enter_forward()
 
 
 def _leave_forward(module: nn.Module, args, output) -> None:
-    if not torch.compiler.is_compiling():
-        held = _LOCAL.__dict__.get("forwards", {})
-        depth = held.get(id(module), 0)
-        if depth:
-            held[id(module)] = depth - 1
-            model_lock(module).release_shared()
+    if not is_compiling():
+        lock = module.__dict__.get(_LOCK_ATTR)
+        if lock is not None:
+            lock.leave_forward()
 
 
 def hold_during_forwards(model: nn.Module) -> None:

@@ -19,7 +19,7 @@ from torch.compiler import is_compiling
 from ..errors import AdapterExistsError, AdapterNotFoundError, MergeError, UnsupportedModuleError
 from ..guards import full_shape
 from ..quantized.registry import quantized_kind
-from ..threads import per_thread, view_of
+from ..threads import LOCAL, per_thread, view_of
 from .dora import DoraEntry, Magnitude, norm_dtype, row_norms, squared_row_norms
 
 
@@ -376,13 +376,21 @@ class LoraLayer(StandsIn):
         return apply_keeping_float32(self, params, fn, recurse)
 
     # ----- forward ----------------------------------------------------------------------------
+    def running_and_routing(self) -> tuple[tuple, object]:
+        """``(_running, _routing)`` as this thread sees them, read once per forward (no block open: no view)."""
+        if LOCAL.views is None:
+            own = self.__dict__
+            return own["_running"], own["_routing"]
+        return self._running, self._routing
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self._routing is not None:
+        running, routing = self.running_and_routing()
+        if routing is not None:
             return self._routed_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        if self._running and not isinstance(result, torch.Tensor):
+        if running and not isinstance(result, torch.Tensor):
             raise UnsupportedModuleError(_not_a_tensor(self.base_layer, result))
-        for entry in self._running:
+        for entry in running:
             if type(entry) is DoraEntry:
                 result = self._add_dora(entry, x, result)
             else:

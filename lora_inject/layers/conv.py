@@ -113,8 +113,8 @@ class LoraConv(LoraLayer):
         return self.base_layer._conv_forward(x, self.base_layer.weight.to(x.dtype), None)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        running = self._running
-        if self._routing is not None:
+        running, routing = self.running_and_routing()
+        if routing is not None:
             return self._routed_forward(x, *args, **kwargs)
         if len(running) == 1 and not (args or kwargs) and type(running[0]) is not DoraEntry:
             kernel = self._merged_kernel(running[0], x)

@@ -121,8 +121,8 @@ class LoraLinear(LoraLayer):
         return F.linear(x, self.base_layer.weight.to(x.dtype))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        running = self._running
-        if self._routing is not None:
+        running, routing = self.running_and_routing()
+        if routing is not None:
             return self._routed_forward(x, *args, **kwargs)
         if len(running) == 1 and not (args or kwargs):
             if type(running[0]) is DoraEntry:

@@ -135,12 +135,12 @@ class LoraParameter(LoraLayer):
 
     # ----- forward ----------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        if self._routing is not None:
+        running, routing = self.running_and_routing()
+        if routing is not None:
             raise ConfigError(
                 "batch_adapters does not route rows through LoRA on parameters (MoE experts): every row would get "
                 "the same experts' update. Serve such adapters one per batch, or merge them."
             )
-        running = self._running
         if not running:
             return self.base_layer(*args, **kwargs)
         owner = self.owner
