@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_llama
 
 import lora_inject as li
-from lora_inject.errors import ConcurrencyError
+from lora_inject import ConcurrencyError
 
 ROUNDS = 30
 WAIT = 20  # seconds a thread waits for another before the test calls it stuck
@@ -506,3 +506,25 @@ def test_every_adapter_kind_follows_each_threads_own_block(kind):
     torch.testing.assert_close(got["batch"], torch.cat([expected[("a",)][:1], expected[("b",)][1:]]))
     with torch.no_grad(), li.using_adapter(model, "b"):
         torch.testing.assert_close(model(x).logits, expected[("b",)])
+
+
+def test_a_copied_or_unpickled_model_has_a_lock_of_its_own():
+    import copy
+    import io
+
+    from lora_inject.threads import model_lock
+
+    model, x = _model(), torch.randint(0, 100, (2, 6))
+    with li.using_adapter(model, "b"):  # this thread holds the model's lock shared
+        copied = copy.deepcopy(model)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (copied, loaded):
+        assert model_lock(other) is not model_lock(model)
+        done = []
+        _run_threads(lambda other=other, done=done: (li.set_adapter(other, "b"), done.append(1)))  # nobody holds it
+        assert done == [1]
+        with torch.no_grad():
+            torch.testing.assert_close(other(x).logits, _logits(model, x, "b"))
