@@ -61,6 +61,7 @@ from .serving.batching import batch_adapters
 from .serving.combine import combine_adapters
 from .serving.hotswap import hotswap_adapter, prepare_hotswap
 from .targeting.presets import preset
+from .threads import carry_blocks
 from .version import __version__  # noqa: F401 (public)
 
 
@@ -76,6 +77,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lora_inject' has no attribute {name!r}")
 
 __all__ = [
+    "carry_blocks",
     "combine_adapters",
     "batch_adapters",
     "AdapterExistsError",

@@ -318,37 +318,58 @@ def using_adapter(model: nn.Module, names: str | Iterable[str] | None) -> Iterat
     """Inside the block ``names`` run instead of the active adapters (``None``: none, the base model).
 
     For the thread that entered it only: other threads' forwards keep their own adapters, so a server runs
-    each request in its own block. Which parameters require grad does not change, so an optimizer built for
-    the active adapter is unaffected; on exit the thread sees the model's adapters again, also when the block
-    raises. This is how a preference trainer runs a frozen reference adapter on the policy's own weights.
+    each request in its own block (a thread the block starts sees it through :func:`lora_inject.carry_blocks`).
+    Which parameters require grad does not change, so an optimizer built for the active adapter is
+    unaffected; on exit the thread sees the model's adapters again, also when the block raises. This is how a
+    preference trainer runs a frozen reference adapter on the policy's own weights.
     """
     inner = unwrap(model)
     wanted = [] if names is None else ([names] if isinstance(names, str) else list(names))
-    for name in wanted:
-        _require_adapter(inner, name)
-    modules = [m for _, m in _adapter_modules(inner)]
-    for module in modules:
-        module.check_active(wanted)
-    if recomputes_in_backward(inner):
-        with changing(inner):
-            before = [m.active_adapters for m in modules]
-            try:
-                for module in modules:
-                    module.set_active(wanted, trainable=False)
+    with locked_for_block(inner, lambda modules: recomputes_in_backward(inner)) as (modules, model_wide):
+        for name in wanted:
+            _require_adapter(inner, name)
+        for module in modules:
+            module.prepare_active(wanted)
+        if model_wide:
+            with _active_model_wide(modules, wanted):
                 yield model
-            finally:
-                for module, names_before in zip(modules, before):
-                    module.set_active(names_before, trainable=False)
-        return
-    with model_lock(inner).shared(), opened(modules, active=tuple(wanted)):
-        yield model
+        else:
+            with opened(inner, modules, active=tuple(wanted)):
+                yield model
+
+
+@contextlib.contextmanager
+def locked_for_block(model: nn.Module, model_wide: Callable[[list], bool]) -> Iterator[tuple[list, bool]]:
+    """``(adapter modules, whether the block changes the model itself)``, decided and held under the model's
+    lock: shared for a block seen by its thread only, alone for a model-wide one (``model_wide(modules)``).
+    Decided again under the lock, so a change landing between the first look and the lock is seen."""
+    while True:
+        wide = model_wide([m for _, m in _adapter_modules(model)])
+        with changing(model) if wide else model_lock(model).shared():
+            modules = [m for _, m in _adapter_modules(model)]
+            if model_wide(modules) == wide:
+                yield modules, wide
+                return
+
+
+@contextlib.contextmanager
+def _active_model_wide(modules: list[nn.Module], names: list[str]) -> Iterator[None]:
+    before = [m.active_adapters for m in modules]
+    try:
+        for module in modules:
+            module.set_active(names, trainable=False)
+        yield
+    finally:
+        for module, names_before in zip(modules, before):
+            module.set_active(names_before, trainable=False)
 
 
 def recomputes_in_backward(model: nn.Module) -> bool:
-    """Whether a block entered now must change the model itself rather than this thread's view: gradient
+    """Whether a block entered now must change the model itself rather than this thread's view: activation
     checkpointing runs forwards again during backward, on GPUs in autograd's own threads, which see the
     model's state, not this thread's. Such a block holds the model alone for its length."""
-    return torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    return torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) is True and m.training
+                                           for m in model.modules())
 
 
 @contextlib.contextmanager
@@ -417,16 +438,20 @@ def disabled_adapters(model: nn.Module) -> Iterator[nn.Module]:
     exit) holding the model alone, so other threads' forwards wait for it instead of seeing the base model.
     """
     inner = unwrap(model)
-    modules = [m for _, m in _adapter_modules(inner)]
-    if any(m._routing is not None for m in modules):
-        raise ConfigError("disabled_adapters inside batch_adapters: the per-row names would be ignored. Leave "
-                          "the batch_adapters block first, or give the rows that should run the base model None.")
-    if any(m.merged_adapters for m in modules) or recomputes_in_backward(inner):
-        with changing(inner), _disabled_model_wide(modules):
-            yield model
-        return
-    with model_lock(inner).shared(), opened(modules, disabled=True):
-        yield model
+
+    def model_wide(modules: list) -> bool:
+        return any(m.merged_adapters for m in modules) or recomputes_in_backward(inner)
+
+    with locked_for_block(inner, model_wide) as (modules, wide):
+        if any(m._routing is not None for m in modules):
+            raise ConfigError("disabled_adapters inside batch_adapters: the per-row names would be ignored. Leave "
+                              "the batch_adapters block first, or give the rows that should run the base model None.")
+        if wide:
+            with _disabled_model_wide(modules):
+                yield model
+        else:
+            with opened(inner, modules, disabled=True):
+                yield model
 
 
 @contextlib.contextmanager

@@ -4,9 +4,10 @@
 :class:`View` for the thread that entered it, an overlay on the model's own state (which ``set_adapter``
 changes, model-wide as in PEFT). Adapter modules read what runs through :func:`per_thread` properties, so a
 request's block never shows in another thread's forward. torch.compile guards on the thread-local read: a
-compiled model recompiles once per view instead of running a stale graph (tests/test_threads.py).
+compiled model recompiles once per view instead of running a stale graph (tests/test_threads.py). A thread
+started inside a block sees it only through :func:`carry_blocks`.
 
-**The model's lock** (:class:`ModelLock`, kept outside the model): forwards of the model and open blocks
+**The model's lock** (:class:`ModelLock`, in the model's ``__dict__``): forwards of the model and open blocks
 share it; what changes the adapters themselves (loading, hot swaps, ``set_adapter``, merging, deleting) takes
 it alone, waiting for the forwards and blocks in flight. A forward sees the adapters before a change or after
 it, never half of one.
@@ -18,20 +19,28 @@ import contextlib
 import dataclasses
 import functools
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
+import torch
 from torch import nn
 from torch.compiler import is_compiling
 
 from .errors import ConcurrencyError
-from .guards import unwrap
+from .guards import _wrapper_kind, unwrap
 
 
 class _Local(threading.local):
     views: dict | None = None  # {adapter module: View} of this thread's open blocks
+    holds: tuple = ()  # the locks this thread's open per-thread blocks hold shared
+    alias: int | None = None  # a thread running a block carried in (carry_blocks): the block's thread
 
 
 LOCAL = _Local()
+
+
+def _me() -> int:
+    """Who holds locks for this thread: itself, or the thread whose block it carries."""
+    return LOCAL.alias or threading.get_ident()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +58,7 @@ def view_of(module: nn.Module) -> View | None:
     return None if views is None else views.get(module)
 
 
-def per_thread(field: str, view_field: str) -> property:
+def per_thread(field: str, view_field: str, default=None) -> property:
     """A property answering this thread's view where it sets ``view_field``, else the module's own ``field``,
     kept in ``__dict__`` under that name (assignments write it there)."""
 
@@ -61,7 +70,7 @@ def per_thread(field: str, view_field: str) -> property:
                 value = getattr(view, view_field)
                 if value is not None and value is not False:
                     return value
-        return self.__dict__[field]
+        return self.__dict__.get(field, default)
 
     def write(self, value) -> None:
         self.__dict__[field] = value
@@ -70,28 +79,69 @@ def per_thread(field: str, view_field: str) -> property:
 
 
 @contextlib.contextmanager
-def opened(modules: Iterable[nn.Module], **changes) -> Iterator[None]:
-    """This thread sees ``modules`` with ``changes`` (View fields) on top of its enclosing views."""
-    before = LOCAL.views
-    views = dict(before) if before else {}
+def opened(model: nn.Module, modules: Iterable[nn.Module], **changes) -> Iterator[None]:
+    """This thread sees ``modules`` with ``changes`` (View fields) on top of its enclosing views, holding
+    ``model``'s lock shared. Whichever thread ends the block (a generator resumed elsewhere), the entering
+    thread's views and hold are put back; ending it in another thread is then an error, since forwards run
+    there meanwhile did not see the block."""
+    state, me, lock = LOCAL.__dict__, _me(), model_lock(model)
+    lock.acquire_shared(me)
+    before_views, before_holds = state.get("views"), state.get("holds", ())
+    views = dict(before_views) if before_views else {}
     for module in modules:
         views[module] = dataclasses.replace(views.get(module) or View(), **changes)
-    LOCAL.views = views
+    state["views"], state["holds"] = views, (*before_holds, lock)
+    entered = threading.get_ident()
     try:
         yield
     finally:
-        LOCAL.views = before
+        state["views"], state["holds"] = before_views, before_holds
+        lock.release_shared(me)
+    if threading.get_ident() != entered:
+        raise ConcurrencyError(
+            "A using_adapter/batch_adapters/disabled_adapters block ended in another thread than the one that "
+            "entered it (a generator resumed by a thread pool?). Blocks belong to their thread: forwards run in the "
+            "other thread did not see it. Enter the block around each step, or run the whole request in one thread."
+        )
 
 
 @contextlib.contextmanager
 def suspended() -> Iterator[None]:
     """This thread sees the model's own state: what changes the model reads and writes that, not a view."""
-    before = LOCAL.views
-    LOCAL.views = None
+    state = LOCAL.__dict__
+    before = state.get("views")
+    state["views"] = None
     try:
         yield
     finally:
-        LOCAL.views = before
+        state["views"] = before
+
+
+def carry_blocks(function: Callable) -> Callable:
+    """``function``, to run in another thread, seeing the blocks open in this thread now, as this thread does.
+
+    For a thread a block starts, such as transformers' streaming ``generate`` (``TextIteratorStreamer``)::
+
+        with li.using_adapter(model, "support"):
+            Thread(target=li.carry_blocks(model.generate), kwargs=...).start()
+            for text in streamer: ...
+
+    Without it the new thread runs the model's own adapters, and would wait behind a change that waits for
+    the block (which waits for the thread).
+    """
+    views, holds, alias = LOCAL.views, LOCAL.holds, _me()
+
+    @functools.wraps(function)
+    def carried(*args, **kwargs):
+        state = LOCAL.__dict__
+        before = state.get("views"), state.get("holds", ()), state.get("alias")
+        state["views"], state["holds"], state["alias"] = views, holds, alias
+        try:
+            return function(*args, **kwargs)
+        finally:
+            state["views"], state["holds"], state["alias"] = before
+
+    return carried
 
 
 def keep_recent(kept: dict, limit: int) -> None:
@@ -109,7 +159,8 @@ class ModelLock:
     A change waits for every other holder to leave, and new shared holders wait while a change waits (so a
     stream of requests cannot starve a hot swap). A thread holding it shared may change the model once the
     others have left; two threads doing that at once would wait for each other forever, so the second is
-    refused with :class:`ConcurrencyError`.
+    refused with :class:`ConcurrencyError`. Holders are thread ids (:func:`_me`), given where a hold taken in
+    one thread may be let go in another.
     """
 
     def __init__(self) -> None:
@@ -142,16 +193,16 @@ class ModelLock:
         else:
             self._shared[me] = depth - 1
 
-    def acquire_shared(self) -> None:
+    def acquire_shared(self, me: int | None = None) -> None:
         with self._mutex:
-            self._take_shared(threading.get_ident())
+            self._take_shared(me or _me())
 
-    def release_shared(self) -> None:
+    def release_shared(self, me: int | None = None) -> None:
         with self._mutex:
-            self._drop_shared(threading.get_ident())
+            self._drop_shared(me or _me())
 
     def enter_forward(self) -> None:
-        me = threading.get_ident()
+        me = _me()
         with self._mutex:
             self._take_shared(me)
             self._forwards[me] = self._forwards.get(me, 0) + 1
@@ -159,7 +210,7 @@ class ModelLock:
     def leave_forward(self) -> None:
         """Pairs with :meth:`enter_forward` of this thread: a hook before ours that raised calls the leaving hook
         without an enter, which must not release a block's hold."""
-        me = threading.get_ident()
+        me = _me()
         with self._mutex:
             depth = self._forwards.get(me, 0)
             if depth:
@@ -169,12 +220,12 @@ class ModelLock:
                     self._forwards[me] = depth - 1
                 self._drop_shared(me)
 
-    def acquire(self) -> None:
-        me = threading.get_ident()
+    def acquire(self) -> int:
+        me = _me()
         with self._cond:
             if self._owner == me:
                 self._depth += 1
-                return
+                return me
             if me in self._shared:
                 if self._upgrading is not None:
                     raise ConcurrencyError(
@@ -191,7 +242,9 @@ class ModelLock:
                 self._waiting -= 1
                 if self._upgrading == me:
                     self._upgrading = None
+                self._cond.notify_all()  # shared holders held back by this waiting change may go on
             self._owner, self._depth = me, 1
+            return me
 
     def release(self) -> None:
         with self._cond:
@@ -202,11 +255,12 @@ class ModelLock:
 
     @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
-        self.acquire_shared()
+        me = _me()
+        self.acquire_shared(me)
         try:
             yield
         finally:
-            self.release_shared()
+            self.release_shared(me)
 
     @contextlib.contextmanager
     def alone(self) -> Iterator[None]:
@@ -232,9 +286,23 @@ def model_lock(model: nn.Module) -> ModelLock:
 
 @contextlib.contextmanager
 def changing(model: nn.Module) -> Iterator[None]:
-    """Around what changes ``model``'s adapters: alone, and on the model's own state (not this thread's views)."""
-    with model_lock(model).alone(), suspended():
-        yield
+    """Around what changes ``model``'s adapters: alone, and on the model's own state (not this thread's views).
+    Adapter modules it adds while this thread is inside blocks on the model join those blocks' views."""
+    with model_lock(model).alone():
+        views = LOCAL.views
+        with suspended():
+            yield
+        if views:
+            _extend(views, model)
+
+
+def _extend(views: dict, model: nn.Module) -> None:
+    modules = list(model.modules())
+    template = next((views[m] for m in modules if m in views), None)
+    if template is not None:
+        for module in modules:
+            if module not in views and hasattr(module, "prepare_active"):  # an adapter module (layers/base.py)
+                views[module] = template
 
 
 def changes_adapters(function):
@@ -242,37 +310,68 @@ def changes_adapters(function):
 
     @functools.wraps(function)
     def run(model, *args, **kwargs):
-        with changing(unwrap(model)):
+        with changing(_holder(model)):
             return function(model, *args, **kwargs)
 
     return run
 
 
+def _holder(model: nn.Module) -> nn.Module:
+    """The module whose lock forwards take: inside torch.compile, DDP and DeepSpeed wrappers."""
+    inner = unwrap(model)
+    if _wrapper_kind(inner) == "DeepSpeed" and isinstance(getattr(inner, "module", None), nn.Module):
+        return inner.module
+    return inner
+
+
 # ----- every forward of the model holds its lock shared ----------------------------------------------------
 # A compiled graph cannot take a lock: under torch.compile(model) the hooks are traced as nothing (docs/serving.md).
+# Nor does a forward run again by backward (activation checkpointing of the whole model), which may run in
+# autograd's own thread while the block that began it holds the model alone.
 def _enter_forward(module: nn.Module, args) -> None:
-    if not is_compiling():
-        (module.__dict__.get(_LOCK_ATTR) or model_lock(module)).enter_forward()
+    if is_compiling() or torch._C._current_graph_task_id() != -1:
+        return
+    lock = module.__dict__.get(_LOCK_ATTR) or model_lock(module)
+    lock.enter_forward()
+    if _leave_forward not in module._forward_hooks.values():  # unloaded while this forward waited: nothing
+        lock.leave_forward()                                  # will let go of the hold
 
 
 def _leave_forward(module: nn.Module, args, output) -> None:
-    if not is_compiling():
-        lock = module.__dict__.get(_LOCK_ATTR)
-        if lock is not None:
-            lock.leave_forward()
+    if is_compiling() or torch._C._current_graph_task_id() != -1:
+        return
+    lock = module.__dict__.get(_LOCK_ATTR)
+    if lock is not None:
+        lock.leave_forward()
+
+
+def _entry_modules(model: nn.Module) -> list[nn.Module]:
+    """The model and what is called on its own from outside it: an encoder-decoder's encoder (``generate``
+    calls ``get_encoder()`` directly)."""
+    modules = [model]
+    get_encoder = getattr(type(model), "get_encoder", None)
+    if callable(get_encoder):
+        with contextlib.suppress(Exception):
+            encoder = model.get_encoder()
+            if isinstance(encoder, nn.Module) and encoder is not model:
+                modules.append(encoder)
+    return modules
 
 
 def hold_during_forwards(model: nn.Module) -> None:
     """Hooks on ``model`` (the module adapters were injected into) holding its lock for each forward; once."""
-    if _enter_forward in model._forward_pre_hooks.values():
-        return
-    model.register_forward_pre_hook(_enter_forward, prepend=True)
-    model.register_forward_hook(_leave_forward, always_call=True)
+    lock = model_lock(model)
+    for module in _entry_modules(model):
+        module.__dict__[_LOCK_ATTR] = lock
+        if _enter_forward not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(_enter_forward, prepend=True)
+            module.register_forward_hook(_leave_forward, always_call=True)
 
 
 def release_forwards(model: nn.Module) -> None:
     """Remove :func:`hold_during_forwards`' hooks (the model is plain again)."""
-    for hooks, hook in ((model._forward_pre_hooks, _enter_forward), (model._forward_hooks, _leave_forward)):
-        for key in [k for k, v in hooks.items() if v is hook]:
-            del hooks[key]
-            model._forward_hooks_always_called.pop(key, None)
+    for module in _entry_modules(model):
+        for hooks, hook in ((module._forward_pre_hooks, _enter_forward), (module._forward_hooks, _leave_forward)):
+            for key in [k for k, v in hooks.items() if v is hook]:
+                del hooks[key]
+                module._forward_hooks_always_called.pop(key, None)

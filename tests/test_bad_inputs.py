@@ -345,6 +345,56 @@ def test_overwriting_an_adapter_folder_exchanges_it_whole(base_dir, tmp_path, mo
     torch.testing.assert_close(_outputs(base_dir, tmp_path / "a"), _outputs(base_dir, tmp_path / "b"))
 
 
+def test_a_file_another_writer_adds_during_the_exchange_is_kept(base_dir, tmp_path, monkeypatch):
+    from lora_inject.formats import folder
+
+    model = _adapter(base_dir, tmp_path / "a")
+    real = folder._replace_folder
+
+    def meanwhile(staging, directory):  # another rank writes its file after the last look, before the exchange
+        (directory / "rng_state_1.pth").write_bytes(b"rng")
+        return real(staging, directory)
+
+    monkeypatch.setattr(folder, "_replace_folder", meanwhile)
+    li.save_adapter(model, tmp_path / "a")
+    assert (tmp_path / "a" / "rng_state_1.pth").read_bytes() == b"rng"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "base"]
+
+
+def test_threads_saving_into_one_folder_at_once_all_succeed(base_dir, tmp_path):
+    import threading
+
+    model = _adapter(base_dir, tmp_path / "a")
+    errors = []
+
+    def saves():
+        try:
+            for _ in range(10):
+                li.save_adapter(model, tmp_path / "a")
+        except Exception as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=saves) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "base"]
+    torch.testing.assert_close(_outputs(base_dir, tmp_path / "a"), _outputs(base_dir, tmp_path / "a"))
+
+
+def test_a_folder_whose_group_a_new_folder_would_not_get_is_saved_into_file_by_file(base_dir, tmp_path,
+                                                                                     monkeypatch):
+    from lora_inject.formats import folder
+
+    model = _adapter(base_dir, tmp_path / "a")
+    inode = (tmp_path / "a").stat().st_ino
+    monkeypatch.setattr(folder, "_new_folder_gid", lambda directory: directory.stat().st_gid + 1)
+    li.save_adapter(model, tmp_path / "a")
+    assert (tmp_path / "a").stat().st_ino == inode  # the same folder: its owner, group and ACLs stay
+
+
 def test_without_an_exchange_a_crash_between_the_renames_leaves_no_mix_and_the_next_save_mends_it(
         base_dir, tmp_path, monkeypatch):
     from lora_inject.formats import folder

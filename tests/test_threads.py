@@ -528,3 +528,184 @@ def test_a_copied_or_unpickled_model_has_a_lock_of_its_own():
         assert done == [1]
         with torch.no_grad():
             torch.testing.assert_close(other(x).logits, _logits(model, x, "b"))
+
+
+# ----- found by a review: each failed before its fix ---------------------------------------------------------
+def test_lora_on_parameters_keeps_each_threads_adapter_and_the_owners_own_parameter():
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64)).eval()
+    for name in ("a", "b"):
+        li.inject(model, target_parameters=["0.weight"], r=4, init=False, adapter=name)
+    model.requires_grad_(False)
+    x = torch.randn(16, 64)
+    expected = {}
+    for name in ("a", "b", None):
+        with torch.no_grad(), li.using_adapter(model, name):
+            expected[name] = model(x)
+    wrong = []
+
+    def serve(name):
+        def run():
+            for _ in range(100):
+                with torch.no_grad(), li.using_adapter(model, name):
+                    if not torch.allclose(model(x), expected[name], atol=1e-5):
+                        wrong.append(name)
+        return run
+
+    _run_threads(serve("a"), serve("b"), serve(None))
+    assert wrong == []
+    owner = model[0]
+    while hasattr(owner, "base_layer"):
+        owner = owner.base_layer
+    assert type(owner._parameters["weight"]) is nn.Parameter
+
+
+def test_a_block_ended_in_another_thread_is_an_error_and_leaves_the_first_thread_clean():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, x = _model(), torch.randint(0, 100, (2, 6))
+    expected_a = _logits(model, x, "a")
+
+    def request():  # a streaming response: the block spans yields, a pool resumes the generator
+        with torch.no_grad(), li.using_adapter(model, "b"):
+            yield 1
+            yield 2
+
+    steps = request()
+    with ThreadPoolExecutor(1) as first, ThreadPoolExecutor(1) as second:
+        assert first.submit(next, steps).result() == 1  # the block is entered in the first thread
+        assert second.submit(next, steps).result() == 2
+        with pytest.raises(ConcurrencyError, match="ended in another thread"):
+            second.submit(next, steps).result()
+        with torch.no_grad():  # the thread that entered the block sees the model's own adapter again
+            assert torch.equal(first.submit(lambda: model(x).logits).result(), expected_a)
+    _run_threads(lambda: li.set_adapter(model, "a"))  # no hold left behind: a change goes through
+
+
+def test_carry_blocks_takes_the_block_into_a_thread_it_starts_even_with_a_change_waiting():
+    import time
+
+    from lora_inject.threads import model_lock
+
+    model, x = _model(), torch.randint(0, 100, (2, 6))
+    expected_b = _logits(model, x, "b")
+    got, changed = [], threading.Event()
+
+    def request():
+        with torch.no_grad(), li.using_adapter(model, "b"):
+            plain = threading.Thread(target=lambda: got.append(("plain", model(x).logits)))
+            plain.start()
+            plain.join()  # no change waits yet: a plain thread runs the model's own adapter
+            changer = threading.Thread(target=lambda: (li.set_adapter(model, "a"), changed.set()))
+            changer.start()
+            deadline = time.monotonic() + WAIT
+            while not model_lock(model)._waiting and time.monotonic() < deadline:
+                time.sleep(0.01)
+            worker = threading.Thread(target=li.carry_blocks(lambda: got.append(("carried", model(x).logits))))
+            worker.start()  # a plain thread would now wait behind the change, which waits for this block
+            worker.join(WAIT)
+            assert not worker.is_alive(), "the carried thread waited behind the change"
+        changer.join(WAIT)
+
+    _run_threads(request)
+    results = dict(got)
+    assert not torch.equal(results["plain"], expected_b)
+    assert torch.equal(results["carried"], expected_b)
+    assert changed.is_set()
+
+
+def test_a_forward_waiting_while_the_adapters_are_unloaded_holds_nothing_afterwards():
+    import time
+
+    from lora_inject.threads import model_lock
+
+    model, x = _model(), torch.randint(0, 100, (2, 6))
+    lock = model_lock(model)
+    inside, leave = threading.Event(), threading.Event()
+
+    def unload():
+        assert inside.wait(WAIT)
+        li.unload(model)
+
+    def forward():
+        deadline = time.monotonic() + WAIT
+        while not lock._waiting and time.monotonic() < deadline:
+            time.sleep(0.01)
+        leave.set()  # the unload takes the model once the block leaves; this forward waits for it
+        with torch.no_grad():
+            model(x)
+
+    _run_threads(_held_open(lambda: li.using_adapter(model, "a"), inside, leave), unload, forward)
+    assert lock._shared == {} and lock._forwards == {}
+    li.inject(model, targets=["q_proj"], r=2)  # would wait forever for a hold nobody lets go
+
+
+def test_a_change_landing_between_a_blocks_first_look_and_its_lock_is_seen(monkeypatch):
+    """The block decides under the lock: a merge that lands first makes disabled_adapters unmerge."""
+    import sys
+
+    inject_module = sys.modules["lora_inject.inject"]
+    model, x = _model(), torch.randint(0, 100, (2, 6))
+    with torch.no_grad(), li.disabled_adapters(model):
+        base = model(x).logits
+    real, merged = inject_module.recomputes_in_backward, threading.Event()
+    calls = []
+
+    def slow_first_look(m):
+        calls.append(1)
+        if len(calls) == 1:  # the look before the lock: a merge lands right now
+            _run_threads(lambda: li.merge(model, "a"))
+            merged.set()
+        return real(m)
+
+    monkeypatch.setattr(inject_module, "recomputes_in_backward", slow_first_look)
+    with torch.no_grad(), li.disabled_adapters(model):
+        assert merged.is_set()
+        torch.testing.assert_close(model(x).logits, base, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_modules_added_inside_a_block_join_its_view(tmp_path):
+    model, x = _model(), torch.randint(0, 100, (2, 6))
+    expected_a = _logits(model, x, "a")
+    with torch.no_grad(), li.using_adapter(model, "a"):
+        li.inject(model, targets=["k_proj", "o_proj"], r=4, init=False, adapter="c")  # new layers, now active
+        torch.testing.assert_close(model(x).logits, expected_a)  # the block still runs "a" alone
+    assert li.active_adapters(model) == ["c"]
+
+
+def test_a_model_pickled_before_per_thread_views_still_runs_and_serves_blocks():
+    import io
+
+    model, x = _model(), torch.randint(0, 100, (2, 6))
+    expected = {name: _logits(model, x, name) for name in ("a", "b")}
+    for _, module in li.lora_layers(model):  # what the previous version kept in a wrapper's __dict__
+        for field in ("_routing", "_running_kept"):
+            module.__dict__.pop(field, None)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, expected["a"])
+        with li.using_adapter(loaded, "b"):
+            assert torch.equal(loaded(x).logits, expected["b"])
+
+
+def test_backward_recomputing_the_whole_model_in_another_thread_does_not_wait_for_the_lock():
+    """Activation checkpointing of the injected model itself: backward (autograd's thread on GPUs) runs its
+    forward again while a model-wide block holds the lock alone."""
+    from torch.utils.checkpoint import checkpoint
+
+    model, x = _model(), torch.randint(0, 100, (2, 6))
+    li.merge(model, "a")  # disabled_adapters must unmerge: it holds the model alone
+    for key, p in model.named_parameters():
+        p.requires_grad_("lora_" in key or "embed" in key)
+    with li.disabled_adapters(model):
+        loss = checkpoint(lambda ids: model(ids).logits.sum(), x, use_reentrant=False)
+        finished = []
+        worker = threading.Thread(target=lambda: (loss.backward(), finished.append(1)))
+        worker.start()
+        worker.join(WAIT)
+    assert finished == [1], "backward waited for the lock its own block holds"

@@ -12,6 +12,7 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -81,6 +82,19 @@ def write_atomically(directory: str | os.PathLike, files: Mapping[str, Callable[
     if directory.parent.exists() and not directory.parent.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(directory.parent))
     directory.parent.mkdir(parents=True, exist_ok=True)
+    with _writing_to(directory):  # this process's threads take turns on one folder
+        return _write(directory, files)
+
+
+_FOLDER_LOCKS: dict[str, threading.Lock] = {}
+
+
+def _writing_to(directory: Path) -> threading.Lock:
+    key = os.path.realpath(directory)
+    return _FOLDER_LOCKS.setdefault(key, threading.Lock())
+
+
+def _write(directory: Path, files: Mapping[str, Callable[[str], object]]) -> Path:
     put_back_leftovers(directory)
     if directory.is_symlink():
         return _rename_files(directory, files)
@@ -92,10 +106,36 @@ def write_atomically(directory: str | os.PathLike, files: Mapping[str, Callable[
 
 
 def _only(directory: Path, files: Mapping[str, object]) -> bool:
-    """Whether ``directory`` is a folder holding some of ``files`` and nothing else (an empty one may be a
-    checkpoint folder that other ranks are about to write into)."""
+    """Whether ``directory`` is a folder of ours holding some of ``files`` and nothing else: not an empty one (a
+    checkpoint folder other ranks are about to write into), not one another user owns or with extended
+    attributes or ACLs (a folder made anew would lose them)."""
     entries = set(listing(directory)) if directory.is_dir() else set()
-    return bool(entries) and entries <= set(files)
+    if not entries or not entries <= set(files):
+        return False
+    try:
+        info = directory.stat()
+        if hasattr(os, "geteuid") and (info.st_uid != os.geteuid() or info.st_gid != _new_folder_gid(directory)):
+            return False
+        return not (hasattr(os, "listxattr") and os.listxattr(directory))
+    except OSError:
+        return False
+
+
+def _new_folder_gid(directory: Path) -> int:
+    """The group a folder made beside ``directory`` gets: the parent's on a set-group-id parent, else ours."""
+    parent = directory.parent.stat()
+    return parent.st_gid if parent.st_mode & stat.S_ISGID else os.getegid()
+
+
+# Names of our staging folders carry the process id: entries of another live process are left alone, as are
+# those this process's other threads are writing now (_WRITING); the rest are leftovers of killed writers.
+_WRITING: set[str] = set()
+
+
+def _staging(directory: Path, kind: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=f".{directory.name}.{kind}-{os.getpid()}-", dir=directory.parent))
+    _WRITING.add(path.name)
+    return path
 
 
 def _create_whole(directory: Path, files: Mapping[str, Callable[[str], object]], replacing: bool = False) -> bool:
@@ -103,7 +143,7 @@ def _create_whole(directory: Path, files: Mapping[str, Callable[[str], object]],
     False where that cannot be done (a parent we may not write in, another writer that made or changed the
     folder meanwhile): then the files go in one by one. A writer's own failure propagates, leaving nothing."""
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-{os.getpid()}-", dir=directory.parent))
+        staging = _staging(directory, "saving")
     except OSError:
         return False
     try:
@@ -124,6 +164,7 @@ def _create_whole(directory: Path, files: Mapping[str, Callable[[str], object]],
         try:
             if replacing:
                 _replace_folder(staging, directory)
+                _keep_others(staging, directory, files)
             else:
                 os.rename(staging, directory)  # fails if another writer made the folder meanwhile: nothing replaced
         except OSError:
@@ -131,21 +172,44 @@ def _create_whole(directory: Path, files: Mapping[str, Callable[[str], object]],
         _fsync_folder(directory.parent)
         return True
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_staging(staging, files)
+        _WRITING.discard(staging.name)
+
+
+def _keep_others(previous: Path, directory: Path, files: Mapping[str, object]) -> None:
+    """A file another writer put into the previous folder after the last look moves into the new one."""
+    for name in listing(previous):
+        if name not in files:
+            with contextlib.suppress(OSError):
+                os.rename(previous / name, directory / name)
+
+
+def _remove_staging(staging: Path, files: Mapping[str, object]) -> None:
+    """Remove the files this write made (or the previous folder's copies of them), then the folder if empty:
+    never anything else another writer may have put there."""
+    for name in files:
+        with contextlib.suppress(OSError):
+            os.unlink(staging / name)
+    with contextlib.suppress(OSError):
+        os.rmdir(staging)
 
 
 def _replace_folder(staging: Path, directory: Path) -> None:
     """Put ``staging`` in place of ``directory``; afterwards ``staging`` holds the previous folder."""
     if _exchange(staging, directory):
         return
-    aside = directory.parent / f".{directory.name}.old-{os.getpid()}"
-    os.rename(directory, aside)
+    aside = _staging(directory, "old")
     try:
-        os.rename(staging, directory)
-    except OSError:
-        os.rename(aside, directory)
-        raise
-    os.rename(aside, staging)
+        os.rmdir(aside)  # a fresh unique name: the folder moves there
+        os.rename(directory, aside)
+        try:
+            os.rename(staging, directory)
+        except OSError:
+            os.rename(aside, directory)
+            raise
+        os.rename(aside, staging)
+    finally:
+        _WRITING.discard(aside.name)
 
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
@@ -167,22 +231,24 @@ def _exchange(a: Path, b: Path) -> bool:
 
 @functools.cache
 def _libc():
+    if os.name == "nt":
+        return None
     try:
         return ctypes.CDLL(None, use_errno=True)
-    except OSError:
+    except Exception:  # noqa: BLE001 (no C library to open here: the two-rename way is taken)
         return None
 
 
 def put_back_leftovers(target: Path) -> None:
     """What killed writers of ``target`` (a save, ``lora-inject merge``) left beside it: a previous ``target``
-    moved aside (``.<name>.old-<pid>``), put back when ``target`` is gone, and staging folders
+    moved aside (``.<name>.old-<pid>-*``), put back when ``target`` is gone, and staging folders
     (``.<name>.saving-<pid>-*``, ``.<name>.partial-<pid>-*``) of processes that no longer run, removed."""
     for entry in target.parent.glob(f".{glob.escape(target.name)}.*-*"):
         kind, _, rest = entry.name.removeprefix(f".{target.name}.").partition("-")
         owner = rest.partition("-")[0]
-        if not owner.isdigit() or kind not in ("old", "saving", "partial"):
+        if not owner.isdigit() or kind not in ("old", "saving", "partial") or entry.name in _WRITING:
             continue
-        if _alive(int(owner)) and int(owner) != os.getpid():  # this process writes no target while it cleans up
+        if _alive(int(owner)) and int(owner) != os.getpid():
             continue
         if kind == "old" and not target.exists():
             os.rename(entry, target)

@@ -17,6 +17,7 @@ attributes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -124,6 +125,13 @@ def set_weights(pipe, weights: Mapping[str, float]) -> None:
 def _load_all(placed: dict, present: dict, adapter: str) -> None:
     """Each component in turn; a failure removes what the earlier ones got (all or nothing)."""
     done = []
+    with contextlib.ExitStack() as held:  # every component alone, for the whole load: forwards see before or after
+        for role in sorted(r for r, found in placed.items() if found.tensors):
+            held.enter_context(changing(present[role][1]))
+        _load_each(placed, present, adapter, done)
+
+
+def _load_each(placed: dict, present: dict, adapter: str, done: list) -> None:
     try:
         for role, found in placed.items():
             if not found.tensors:

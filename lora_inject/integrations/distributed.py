@@ -26,8 +26,10 @@ from ..guards import _wrapper_kind, has_optimizer_copies, is_zero3
 from ..inject import _require_adapter, adapter_state
 from ..layers import LoraLayer, ModulesToSave
 from ..layers.linear import Factor
+from ..threads import changes_adapters
 
 
+@changes_adapters
 def broadcast_adapters(model: nn.Module, src: int = 0) -> None:
     """Copy every adapter parameter from rank ``src`` to all ranks (call on the unwrapped model).
 
@@ -173,6 +175,7 @@ def _raise_on_other_ranks_if_rank0_failed(failure: Exception | None) -> None:
         )
 
 
+@changes_adapters
 def load_adapter_weights(
     model: nn.Module, directory: str | os.PathLike, adapter: str = "default", *, strict: bool = True
 ) -> nn.Module:

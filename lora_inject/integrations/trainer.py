@@ -14,6 +14,7 @@ from ..formats.peft import CONFIG_NAME
 from ..formats.save import save_adapter
 from ..guards import is_zero3
 from ..inject import _STATE_ATTR, active_adapters
+from ..threads import suspended
 from .distributed import load_adapter_weights as load_adapter_weights_distributed
 from .distributed import save_adapter as save_adapter_distributed
 
@@ -34,7 +35,8 @@ class AdapterTrainer(transformers.Trainer):
         return _save_zero3_adapters(self, output_dir, {self._adapter_name(): output_dir})
 
     def _adapter_name(self) -> str:
-        active = active_adapters(self.model)
+        with suspended():  # the model's own active adapter, not a block's
+            active = active_adapters(self.model)
         if len(active) != 1:
             raise ConfigError(f"AdapterTrainer trains exactly one active adapter; active: {active}.")
         return active[0]

@@ -37,6 +37,7 @@ from ..inject import (
     on_model_event,
 )
 from ..layers import ADAPTER_MODULES, LoraLayer, ModulesToSave
+from ..threads import changes_adapters
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -179,6 +180,7 @@ def _call(model: nn.Module, method: str) -> nn.Module | None:
         return None
 
 
+@changes_adapters
 def resize_token_embeddings(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
     """transformers' ``resize_token_embeddings``, for a model with adapters on its embeddings or head.
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..guards import unwrap
 from ..inject import active_adapters, adapter_configs, copy_adapter, using_adapter
+from ..threads import changing
 from .trainer import AdapterTrainer
 
 REFERENCE_ADAPTER = "reference"
@@ -46,11 +47,12 @@ def reference_model(model: nn.Module, adapter: str = REFERENCE_ADAPTER) -> nn.Mo
     fused LM head) without touching the policy's.
     """
     inner = unwrap(model)
-    if adapter not in adapter_configs(inner):
-        active = active_adapters(inner)
-        if len(active) != 1:
-            raise ValueError(f"A reference policy copies the one active adapter; active: {active}.")
-        copy_adapter(inner, active[0], adapter)
+    with changing(inner):  # the model's own active adapter, not a block's; no change lands in between
+        if adapter not in adapter_configs(inner):
+            active = active_adapters(inner)
+            if len(active) != 1:
+                raise ValueError(f"A reference policy copies the one active adapter; active: {active}.")
+            copy_adapter(inner, active[0], adapter)
     cls = type(inner)
     view_cls = _VIEW_CLASSES.setdefault(cls, type(f"Reference{cls.__name__}", (_ReferenceView, cls), {}))
     view = object.__new__(view_cls)

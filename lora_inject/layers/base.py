@@ -8,6 +8,7 @@ an input, and how their product maps onto the base weight.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Iterable, Sequence
 
@@ -44,8 +45,16 @@ class StandsIn(nn.Module):
     adapters_disabled = per_thread("adapters_disabled", "disabled")
     _routing = per_thread("_routing", "routing")  # a per-row routing while lora_inject.batch_adapters is active
 
-    def check_active(self, names: Sequence[str]) -> None:
-        """Raise if ``names`` cannot run together here (before a block makes them run)."""
+    def prepare_active(self, names: Sequence[str]) -> None:
+        """Before a block makes ``names`` run here: raise if they cannot run together, and precompute what the
+        forward needs (outside it, so a compiled graph's guards see no change made by an eager call)."""
+
+    _state_defaults: dict = {"_routing": None, "adapters_disabled": False}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for field, value in self._state_defaults.items():  # models pickled by older versions lack them
+            self.__dict__.setdefault(field, copy.copy(value))
 
     def _replicate_for_data_parallel(self):
         replica = super()._replicate_for_data_parallel()
@@ -68,6 +77,7 @@ class LoraLayer(StandsIn):
 
     adapter_param_names: tuple[str, ...] = ("lora_A", "lora_B")
     _per_thread_fields = (*StandsIn._per_thread_fields, "_running")
+    _state_defaults = {**StandsIn._state_defaults, "_running_kept": {}}
     supports_dora = False
     supports_lora_bias = False
     supports_principal_init = False
@@ -327,14 +337,18 @@ class LoraLayer(StandsIn):
             return self.__dict__["_running"]
         if view.disabled or self.__dict__["adapters_disabled"]:
             return ()
+        entries = self.__dict__["_running_kept"].get(view.active)
+        return self._running_of(view.active) if entries is None else entries
+
+    def _running_of(self, names: Sequence[str]) -> tuple:
+        merged = self.merged_adapters
+        return tuple(self._running_entry(n) for n in names if n in self.r and n not in merged)
+
+    def prepare_active(self, names: Sequence[str]) -> None:
         kept = self.__dict__["_running_kept"]
-        entries = kept.get(view.active)
-        if entries is None:
-            merged = self.merged_adapters
-            entries = tuple(self._running_entry(n) for n in view.active if n in self.r and n not in merged)
-            if not is_compiling() and len(kept) < 64:
-                kept[view.active] = entries
-        return entries
+        key = tuple(names)
+        if key not in kept and len(kept) < 64:
+            kept[key] = self._running_of(key)
 
     def _running_entry(self, name: str) -> tuple:
         """What forward needs to run adapter ``name``: a :class:`DoraEntry` for DoRA, else :meth:`_entry`."""

@@ -17,8 +17,12 @@ module computes its own way and the update runs in factored form (see ``low_rank
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 from torch import nn
+from torch.compiler import is_compiling
 
 from ..errors import ConfigError
 from .base import LoraLayer
@@ -141,20 +145,21 @@ class LoraParameter(LoraLayer):
                 "batch_adapters does not route rows through LoRA on parameters (MoE experts): every row would get "
                 "the same experts' update. Serve such adapters one per batch, or merge them."
             )
-        if not running:
-            return self.base_layer(*args, **kwargs)
         owner = self.owner
-        base = owner._parameters[self.parameter_name]
-        terms = []
-        for name, scale, p in running:
-            left, right = self.expert_factors(name)
-            terms.append(Term(left, right, scale, p if self.training else 0.0))
-        view = LowRankUpdated(base, terms, f"{type(owner).__name__}.{self.parameter_name}")
-        owner._parameters[self.parameter_name] = view
-        try:
-            return self.base_layer(*args, **kwargs)
-        finally:
-            owner._parameters[self.parameter_name] = base
+        with contextlib.nullcontext() if is_compiling() else _SWAPPING:  # inside it the owner holds its own
+            if not running:  # even then: another thread's view must not be in the owner meanwhile
+                return self.base_layer(*args, **kwargs)
+            base = owner._parameters[self.parameter_name]
+            terms = []
+            for name, scale, p in running:
+                left, right = self.expert_factors(name)
+                terms.append(Term(left, right, scale, p if self.training else 0.0))
+            view = LowRankUpdated(base, terms, f"{type(owner).__name__}.{self.parameter_name}")
+            owner._parameters[self.parameter_name] = view
+            try:
+                return self.base_layer(*args, **kwargs)
+            finally:
+                owner._parameters[self.parameter_name] = base
 
     def _entry(self, name: str, dropout: float | None = None) -> tuple:
         return name, self.scaling[name], self.lora_dropout[name] if dropout is None else dropout
@@ -162,6 +167,11 @@ class LoraParameter(LoraLayer):
     def extra_repr(self) -> str:
         return f"parameter={self.parameter_name!r}, " + super().extra_repr()
 
+
+
+# The owner's parameter is swapped for the view for the length of a call: threads running the same experts take
+# turns (re-entrant: wrappers of two parameters of one owner nest), or one would run, or keep, the other's view.
+_SWAPPING = threading.RLock()
 
 
 def expert_factors(

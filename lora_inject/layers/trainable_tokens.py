@@ -186,7 +186,7 @@ class TrainableTokens(StandsIn):
             for name, rows in self.token_adapter.trainable_tokens_delta.items():
                 rows.requires_grad_(name in names)
 
-    def check_active(self, names: Sequence[str]) -> None:
+    def prepare_active(self, names: Sequence[str]) -> None:
         self._check_disjoint([n for n in names if n in self.adapter_names])
 
     def set_disabled(self, disabled: bool) -> None:

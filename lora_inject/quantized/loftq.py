@@ -22,9 +22,11 @@ from ..errors import AdapterFileError, ConfigError
 from ..guards import unwrap
 from ..inject import _require_adapter, lora_layers
 from ..layers import LoraLinear
+from ..threads import changes_adapters
 from .registry import dequantized_weight, quantized_kind
 
 
+@changes_adapters
 def loftq(
     model: nn.Module, float_weights: str | os.PathLike | Mapping[str, torch.Tensor], adapter: str = "default"
 ) -> dict[str, tuple[float, float]]:

@@ -16,8 +16,8 @@ from torch import nn
 
 from ..errors import AdapterNotFoundError, ConfigError, MergeError
 from ..guards import unwrap
-from ..inject import _STATE_ATTR, _adapter_modules, recomputes_in_backward, using_adapter
-from ..threads import changing, keep_recent, model_lock, opened
+from ..inject import _STATE_ATTR, locked_for_block, recomputes_in_backward, using_adapter
+from ..threads import keep_recent, opened
 
 
 class Routing:
@@ -102,32 +102,38 @@ def batch_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
     """
     inner = unwrap(model)
     _check_names(inner, names)
-    modules = [m for _, m in _adapter_modules(inner)]
-    merged = sorted({n for m in modules for n in m.merged_adapters})
-    if merged:
-        raise MergeError(f"batch_adapters: adapters {merged} are merged into the weights; unmerge them first.")
-    if any(m.adapters_disabled for m in modules):
-        raise ConfigError("batch_adapters inside disabled_adapters: the adapters are off, so the names would be "
-                          "ignored. Use None for the rows that should run the base model.")
-    if any(m._routing is not None for m in modules):
-        raise ConfigError("batch_adapters blocks do not nest; leave the outer one first.")
-    if len(set(names)) == 1:  # one adapter (or the base) for every row: the ordinary path is the fastest
-        with using_adapter(model, names[0]):
-            yield model
-        return
-    routing = _routing_for(inner, names)
-    if recomputes_in_backward(inner):
-        with changing(inner):
-            try:
-                for module in modules:
-                    module.__dict__["_routing"] = routing
+    with locked_for_block(inner, lambda modules: recomputes_in_backward(inner)) as (modules, model_wide):
+        _check_names(inner, names)
+        merged = sorted({n for m in modules for n in m.merged_adapters})
+        if merged:
+            raise MergeError(f"batch_adapters: adapters {merged} are merged into the weights; unmerge them first.")
+        if any(m.adapters_disabled for m in modules):
+            raise ConfigError("batch_adapters inside disabled_adapters: the adapters are off, so the names would be "
+                              "ignored. Use None for the rows that should run the base model.")
+        if any(m._routing is not None for m in modules):
+            raise ConfigError("batch_adapters blocks do not nest; leave the outer one first.")
+        if len(set(names)) == 1:  # one adapter (or the base) for every row: the ordinary path is the fastest
+            with using_adapter(model, names[0]):
                 yield model
-            finally:
-                for module in modules:
-                    module.__dict__["_routing"] = None
-        return
-    with model_lock(inner).shared(), opened(modules, routing=routing):
-        yield model
+            return
+        routing = _routing_for(inner, names)
+        if model_wide:
+            with _routed_model_wide(modules, routing):
+                yield model
+        else:
+            with opened(inner, modules, routing=routing):
+                yield model
+
+
+@contextlib.contextmanager
+def _routed_model_wide(modules: list[nn.Module], routing: Routing) -> Iterator[None]:
+    try:
+        for module in modules:
+            module.__dict__["_routing"] = routing
+        yield
+    finally:
+        for module in modules:
+            module.__dict__["_routing"] = None
 
 
 _ROUTINGS = "_lora_inject_routings"
