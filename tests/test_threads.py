@@ -144,6 +144,19 @@ def _saved(tmp_path, seeds):
     return files
 
 
+def _prepared_for_swaps(tmp_path):
+    """A model prepared for hot swaps of adapter "a", two saved adapters to swap in, and what each gives."""
+    model, x = _model(), torch.randint(0, 100, (2, 6))
+    li.prepare_hotswap(model, max_rank=4, adapter="a")
+    files = _saved(tmp_path, {"x": 1, "y": 2})
+    expected = []
+    for folder in files.values():
+        li.hotswap_adapter(model, folder, adapter="a")
+        with torch.no_grad():
+            expected.append(model(x).logits)
+    return model, x, files, expected
+
+
 def _held_open(block, inside: threading.Event, leave: threading.Event):
     """A thread body: enter ``block``, say so, and stay inside until ``leave``."""
     def run():
@@ -197,14 +210,7 @@ def test_a_plain_forward_never_sees_another_threads_block(block):
 
 
 def test_a_hot_swap_during_plain_forwards_never_gives_a_mix(tmp_path):
-    model, x = _model(), torch.randint(0, 100, (2, 6))
-    li.prepare_hotswap(model, max_rank=4, adapter="a")
-    files = _saved(tmp_path, {"x": 1, "y": 2})
-    expected = []
-    for folder in files.values():
-        li.hotswap_adapter(model, folder, adapter="a")
-        with torch.no_grad():
-            expected.append(model(x).logits)
+    model, x, files, expected = _prepared_for_swaps(tmp_path)
     wrong, done = [], threading.Event()
 
     def forwards():
@@ -414,14 +420,7 @@ def test_unloading_takes_the_forward_hooks_away():
 def test_a_hot_swap_while_threads_serve_a_compiled_model_in_blocks_never_gives_a_mix(tmp_path, request, how):
     """A compiled graph cannot take the lock (the forward hooks are traced as nothing): requests inside blocks
     are held, since the block takes it outside the graph."""
-    model, x = _model(), torch.randint(0, 100, (2, 6))
-    li.prepare_hotswap(model, max_rank=4, adapter="a")
-    files = _saved(tmp_path, {"x": 1, "y": 2})
-    expected = []
-    for folder in files.values():
-        li.hotswap_adapter(model, folder, adapter="a")
-        with torch.no_grad():
-            expected.append(model(x).logits)
+    model, x, files, expected = _prepared_for_swaps(tmp_path)
     torch._dynamo.reset()
     request.addfinalizer(torch._dynamo.reset)
     compiled = torch.compile(model) if how == "torch.compile(model)" else model
