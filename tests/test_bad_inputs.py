@@ -127,14 +127,22 @@ def test_dora_without_magnitudes_is_refused_by_every_reader(base_dir, tmp_path):
 def test_a_wrong_shaped_tensor_is_refused_before_any_value_is_read(base_dir, tmp_path, monkeypatch, reader):
     """Shapes come from the header; values are read only once every shape fits the model. The file's tensors
     are handed over on the meta device here: reading any value of them would fail."""
-    from lora_inject.formats import peft
-
     _adapter(base_dir, tmp_path / "a", dora=True)
     _edit_tensors(tmp_path / "a", lambda t: [t.__setitem__(k, torch.ones(64)) for k in list(t) if "magnitude" in k])
     model = _fresh(base_dir)
     if reader == "load_adapter_weights":
         li.inject(model, targets=["q_proj", "v_proj"], r=4, dora=True)
     before = _state(model)
+    _on_meta(monkeypatch)
+    with pytest.raises(li.AdapterFileError, match="shape mismatch"):
+        getattr(li, reader)(model, tmp_path / "a")
+    _unchanged(model, before)
+
+
+def _on_meta(monkeypatch):
+    """The files' tensors handed over on the meta device: reading any value of them fails."""
+    from lora_inject.formats import peft
+
     real = peft.read_safetensors
 
     def headers_only(path, with_metadata=False):
@@ -143,9 +151,18 @@ def test_a_wrong_shaped_tensor_is_refused_before_any_value_is_read(base_dir, tmp
         return (tensors, metadata) if with_metadata else tensors
 
     monkeypatch.setattr(peft, "read_safetensors", headers_only)
-    with pytest.raises(li.AdapterFileError, match="shape mismatch"):
-        getattr(li, reader)(model, tmp_path / "a")
-    _unchanged(model, before)
+
+
+def test_hot_swap_and_the_streaming_merge_refuse_a_wrong_shape_before_reading_values(base_dir, tmp_path, monkeypatch,
+                                                                                      capsys):
+    model = _adapter(base_dir, tmp_path / "a")
+    li.prepare_hotswap(model, max_rank=8)
+    _edit_tensors(tmp_path / "a", lambda t: [t.__setitem__(k, torch.ones(4, 999)) for k in list(t) if "lora_A" in k])
+    _on_meta(monkeypatch)
+    with pytest.raises(li.AdapterFileError, match="do not fit"):
+        li.hotswap_adapter(model, tmp_path / "a")
+    assert _merge(base_dir, tmp_path / "a", tmp_path / "out") != 0
+    assert "shape" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

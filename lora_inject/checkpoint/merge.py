@@ -24,6 +24,7 @@ from ..config import LoraConfig
 from ..errors import AdapterFileError, ConfigError, MergeError, preview
 from ..formats.folder import put_back_leftovers
 from ..formats.registry import read_adapter
+from ..formats.validate import checked_values
 from ..layers.base import merge_dtype
 from ..targeting.matching import NameTarget, is_hf_conv1d, pattern_budget
 from .parameters import model_on_meta, onto_saved_names, parameter_edits
@@ -379,7 +380,7 @@ def merge_checkpoint(
     if dtype is not None and dtype not in OUT_DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(OUT_DTYPES)}; got {dtype!r}.")
     model_on_meta.cache_clear()  # built at most once per merge, never kept from another one
-    found = read_adapter(adapter)
+    found = read_adapter(adapter, values=False)  # values are read once every shape fits the checkpoint
     config, tensors = found.config, found.tensors
     fan_in_fan_out = found.notes.get("fan_in_fan_out", False)
     shards, index = _shards(base)
@@ -387,6 +388,7 @@ def merge_checkpoint(
         matched = _matched_edits(base, found.notes.get("peft_version"), shards, config, tensors, fan_in_fan_out)
     _check_tied(base, matched)
     _check_shapes(base, shards, matched)
+    checked_values(tensors, found.source)
     out_dtype = OUT_DTYPES.get(dtype) if dtype else None
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))

@@ -19,7 +19,7 @@ from ..config import exact_config
 from ..errors import AdapterFileError, ConfigError
 from ..formats.hub import adapter_folder
 from ..formats.registry import read_adapter
-from ..formats.validate import unpaired
+from ..formats.validate import checked_values, unpaired
 from ..guards import unwrap
 from ..inject import _STATE_ATTR, _require_adapter, lora_layers
 from ..layers import LoraLayer
@@ -102,7 +102,7 @@ def hotswap_adapter(
         raise ConfigError(f"Adapter {adapter!r} was not prepared: call lora_inject.prepare_hotswap(model, max_rank) "
                           "before torch.compile, then swap.")
     folder = adapter_folder(directory, **hub_kwargs)
-    found = read_adapter(folder)
+    found = read_adapter(folder, values=False)  # a tensor's values are read once its shape fits its layer
     config, tensors = found.config, found.tensors
     if (config.dora or config.lora_bias or config.modules_to_save or config.trainable_tokens or config.bias != "none"
             or config.target_parameters):
@@ -111,6 +111,7 @@ def hotswap_adapter(
                                "load_adapter instead.")
     layers = {p: m for p, m in lora_layers(inner) if adapter in m.r}
     writes = _planned_writes(layers, adapter, config, tensors, max_rank, str(folder))
+    checked_values(tensors, str(folder))
     with changing(inner), torch.no_grad():  # waits for the forwards and blocks in flight; new ones wait
         for (a, b), (new_a, new_b) in writes:
             a.copy_(new_a)
