@@ -18,7 +18,15 @@ from .layers import ADAPTER_MODULES, LoraLayer, ModulesToSave, TrainableTokens
 from .layers.principal import is_principal_init
 from .quantized.registry import logical_numel, prepare_quantized_layers
 from .targeting.plan import Plan, resolve
-from .threads import changes_adapters, changing, hold_during_forwards, model_lock, opened, release_forwards
+from .threads import (
+    changes_adapters,
+    changing,
+    hold_during_forwards,
+    model_lock,
+    opened,
+    reads_adapters,
+    release_forwards,
+)
 
 _STATE_ATTR = "_lora_inject_configs"  # {adapter name: LoraConfig} kept on the model
 CARRIED_ATTR = "_lora_inject_carried"  # module paths whose full weight is saved with every adapter
@@ -365,11 +373,13 @@ def _active_model_wide(modules: list[nn.Module], names: list[str]) -> Iterator[N
 
 
 def recomputes_in_backward(model: nn.Module) -> bool:
-    """Whether a block entered now must change the model itself rather than this thread's view: activation
-    checkpointing runs forwards again during backward, on GPUs in autograd's own threads, which see the
-    model's state, not this thread's. Such a block holds the model alone for its length."""
-    return torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) is True and m.training
-                                           for m in model.modules())
+    """Whether a block entered now must change the model itself rather than this thread's view: with grad on, a
+    model in training mode (or with transformers' checkpointing flag) may run its forwards again during
+    backward (activation checkpointing of any kind), on GPUs in autograd's own threads, which see the model's
+    state, not this thread's. Such a block holds the model alone for its length; inference never does."""
+    if not torch.is_grad_enabled():
+        return False
+    return model.training or any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 @contextlib.contextmanager
@@ -538,6 +548,7 @@ def trainable_parameters(model: nn.Module) -> ParamCount:
     return ParamCount(trainable, total)
 
 
+@reads_adapters
 def lora_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
     """Adapter ``adapter``'s tensors, keyed as in ``model.state_dict()``.
 
@@ -550,6 +561,7 @@ def lora_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, tor
     return adapter_state(unwrap(model), adapter)
 
 
+@reads_adapters
 def adapter_state(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
     """:func:`lora_state_dict` of a model that is not wrapped."""
     _require_adapter(model, adapter)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 
@@ -30,17 +31,17 @@ from .guards import _wrapper_kind, unwrap
 
 
 class _Local(threading.local):
-    views: dict | None = None  # {adapter module: View} of this thread's open blocks
-    holds: tuple = ()  # the locks this thread's open per-thread blocks hold shared
-    alias: int | None = None  # a thread running a block carried in (carry_blocks): the block's thread
+    def __init__(self) -> None:  # run in every thread on its first use: each has its own attributes, no class
+        self.views: dict | None = None  # defaults (torch.compile guards on what a thread's own attribute holds)
+        self.parent: int | None = None  # {adapter module: View} of this thread's open blocks; for a thread
+        # carrying a block in (carry_blocks), the block's thread
 
 
 LOCAL = _Local()
 
 
 def _me() -> int:
-    """Who holds locks for this thread: itself, or the thread whose block it carries."""
-    return LOCAL.alias or threading.get_ident()
+    return threading.get_ident()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,16 @@ class View:
     active: tuple[str, ...] | None = None
     disabled: bool = False
     routing: object = None
+
+
+def _inside_forward(frame, module_id: int) -> bool:
+    """Whether the stack ending in ``frame`` (another thread's) runs a forward of the module ``module_id``."""
+    call = nn.Module._call_impl.__code__
+    while frame is not None:
+        if frame.f_code is call and id(frame.f_locals.get("self")) == module_id:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def view_of(module: nn.Module) -> View | None:
@@ -86,18 +97,17 @@ def opened(model: nn.Module, modules: Iterable[nn.Module], **changes) -> Iterato
     there meanwhile did not see the block."""
     state, me, lock = LOCAL.__dict__, _me(), model_lock(model)
     lock.acquire_shared(me)
-    before_views, before_holds = state.get("views"), state.get("holds", ())
-    views = dict(before_views) if before_views else {}
-    for module in modules:
-        views[module] = dataclasses.replace(views.get(module) or View(), **changes)
-    state["views"], state["holds"] = views, (*before_holds, lock)
-    entered = threading.get_ident()
     try:
+        before = state.get("views")
+        views = dict(before) if before else {}
+        for module in modules:
+            views[module] = dataclasses.replace(views.get(module) or View(), **changes)
+        state["views"] = views
         yield
     finally:
-        state["views"], state["holds"] = before_views, before_holds
+        state["views"] = before
         lock.release_shared(me)
-    if threading.get_ident() != entered:
+    if threading.get_ident() != me:
         raise ConcurrencyError(
             "A using_adapter/batch_adapters/disabled_adapters block ended in another thread than the one that "
             "entered it (a generator resumed by a thread pool?). Blocks belong to their thread: forwards run in the "
@@ -127,19 +137,21 @@ def carry_blocks(function: Callable) -> Callable:
             for text in streamer: ...
 
     Without it the new thread runs the model's own adapters, and would wait behind a change that waits for
-    the block (which waits for the thread).
+    the block (which waits for the thread). The carried thread keeps the block's adapters until it returns;
+    changes wait for its forwards like any other thread's, and one made from it while the block is open is
+    refused (the block would wait for it, and it for the block).
     """
-    views, holds, alias = LOCAL.views, LOCAL.holds, _me()
+    views, parent = LOCAL.views, (_me() if LOCAL.views else None)
 
     @functools.wraps(function)
     def carried(*args, **kwargs):
         state = LOCAL.__dict__
-        before = state.get("views"), state.get("holds", ()), state.get("alias")
-        state["views"], state["holds"], state["alias"] = views, holds, alias
+        before = state.get("views"), state.get("parent")
+        state["views"], state["parent"] = views, parent
         try:
             return function(*args, **kwargs)
         finally:
-            state["views"], state["holds"], state["alias"] = before
+            state["views"], state["parent"] = before
 
     return carried
 
@@ -167,7 +179,7 @@ class ModelLock:
         self._mutex = threading.Lock()
         self._cond = threading.Condition(self._mutex)
         self._shared: dict[int, int] = {}  # thread id -> depth
-        self._forwards: dict[int, int] = {}  # thread id -> forwards of the model it is inside
+        self._forwards: dict[tuple[int, int], int] = {}  # (thread id, module id) of forwards in flight
         self._owner: int | None = None
         self._depth = 0
         self._waiting = 0  # changes waiting
@@ -181,9 +193,22 @@ class ModelLock:
 
     def _take_shared(self, me: int) -> None:
         if self._owner != me and me not in self._shared:
-            while self._owner is not None or self._waiting:
-                self._cond.wait()
+            parent = LOCAL.parent  # a carried thread joins its block's hold without waiting for queued changes
+            while self._owner is not None or (self._waiting and parent not in self._shared):
+                self._wait()
         self._shared[me] = self._shared.get(me, 0) + 1
+
+    def _wait(self) -> None:
+        """Wait for a change of state; every second, let go of forward holds whose forward is over: a
+        KeyboardInterrupt/SystemExit in a forward skips the leaving hook (torch calls it for ``Exception``
+        only), and the thread may even be gone."""
+        if not self._cond.wait(timeout=1.0):
+            frames = sys._current_frames()
+            for key in list(self._forwards):
+                if not _inside_forward(frames.get(key[0]), key[1]):
+                    del self._forwards[key]
+                    self._drop_shared(key[0])
+            self._cond.notify_all()
 
     def _drop_shared(self, me: int) -> None:
         depth = self._shared.get(me, 0)
@@ -201,31 +226,41 @@ class ModelLock:
         with self._mutex:
             self._drop_shared(me or _me())
 
-    def enter_forward(self) -> None:
-        me = _me()
+    def enter_forward(self, module: nn.Module) -> None:
+        key = (_me(), id(module))
         with self._mutex:
-            self._take_shared(me)
-            self._forwards[me] = self._forwards.get(me, 0) + 1
+            self._take_shared(key[0])
+            self._forwards[key] = self._forwards.get(key, 0) + 1
 
-    def leave_forward(self) -> None:
+    def leave_forward(self, module: nn.Module) -> None:
         """Pairs with :meth:`enter_forward` of this thread: a hook before ours that raised calls the leaving hook
         without an enter, which must not release a block's hold."""
-        me = _me()
+        key = (_me(), id(module))
         with self._mutex:
-            depth = self._forwards.get(me, 0)
+            depth = self._forwards.get(key, 0)
             if depth:
                 if depth == 1:
-                    del self._forwards[me]
+                    del self._forwards[key]
                 else:
-                    self._forwards[me] = depth - 1
-                self._drop_shared(me)
+                    self._forwards[key] = depth - 1
+                self._drop_shared(key[0])
 
-    def acquire(self) -> int:
+    def acquire(self, blocking: bool = True) -> bool:
         me = _me()
         with self._cond:
             if self._owner == me:
                 self._depth += 1
-                return me
+                return True
+            if not blocking:
+                if self._owner is not None or any(t != me for t in self._shared):
+                    return False
+                self._owner, self._depth = me, 1
+                return True
+            if LOCAL.parent is not None and LOCAL.parent in self._shared:
+                raise ConcurrencyError(
+                    "A thread carrying a block (carry_blocks) tried to change the model while the block is open: "
+                    "the block's thread would wait for it, and it for the block. Change adapters outside blocks."
+                )
             if me in self._shared:
                 if self._upgrading is not None:
                     raise ConcurrencyError(
@@ -237,14 +272,14 @@ class ModelLock:
             self._waiting += 1
             try:
                 while self._owner is not None or any(t != me for t in self._shared):
-                    self._cond.wait()
+                    self._wait()
             finally:
                 self._waiting -= 1
                 if self._upgrading == me:
                     self._upgrading = None
                 self._cond.notify_all()  # shared holders held back by this waiting change may go on
             self._owner, self._depth = me, 1
-            return me
+            return True
 
     def release(self) -> None:
         with self._cond:
@@ -305,12 +340,51 @@ def _extend(views: dict, model: nn.Module) -> None:
                 views[module] = template
 
 
+@contextlib.contextmanager
+def changing_all(models: Iterable[nn.Module]) -> Iterator[None]:
+    """:func:`changing` several models at once (a pipeline's components), all of them or none at a time:
+    holding one while waiting for another could deadlock against a block that holds the second and is about
+    to run the first."""
+    locks = list({id(lock): lock for lock in (model_lock(m) for m in models)}.values())
+    while True:
+        taken = [lock for lock in locks if lock.acquire(blocking=False)]
+        if len(taken) == len(locks):
+            break
+        for lock in taken:
+            lock.release()
+        busy = next(lock for lock in locks if lock not in taken)
+        busy.acquire()  # wait for it, holding nothing else, then try them all again
+        busy.release()
+    try:
+        with suspended():
+            yield
+    finally:
+        for lock in taken:
+            lock.release()
+
+
 def changes_adapters(function):
     """``function(model, ...)`` changes the adapters: it runs :func:`changing` the (unwrapped) model."""
 
     @functools.wraps(function)
     def run(model, *args, **kwargs):
         with changing(_holder(model)):
+            return function(model, *args, **kwargs)
+
+    return run
+
+
+def reads_adapters(function):
+    """``function(model, ...)`` reads the adapters whole (a save): it holds the model's lock shared, so no change
+    lands halfway through, and reads the model's own state. A first argument that is no model (a path, a
+    pipeline) is passed through as it is."""
+
+    @functools.wraps(function)
+    def run(model, *args, **kwargs):
+        holder = _holder(model) if isinstance(model, nn.Module) else None
+        if holder is None:
+            return function(model, *args, **kwargs)
+        with model_lock(holder).shared(), suspended():
             return function(model, *args, **kwargs)
 
     return run
@@ -328,21 +402,25 @@ def _holder(model: nn.Module) -> nn.Module:
 # A compiled graph cannot take a lock: under torch.compile(model) the hooks are traced as nothing (docs/serving.md).
 # Nor does a forward run again by backward (activation checkpointing of the whole model), which may run in
 # autograd's own thread while the block that began it holds the model alone.
+# DataParallel's replicas (``_is_replica``) run in its worker threads: they hold nothing (the call that made them
+# is the user's, outside the model); their adapter modules carry the maker's view (layers/base.py).
 def _enter_forward(module: nn.Module, args) -> None:
-    if is_compiling() or torch._C._current_graph_task_id() != -1:
+    own = module.__dict__
+    if is_compiling() or torch._C._current_graph_task_id() != -1 or own.get("_is_replica"):
         return
-    lock = module.__dict__.get(_LOCK_ATTR) or model_lock(module)
-    lock.enter_forward()
+    lock = own.get(_LOCK_ATTR) or model_lock(module)
+    lock.enter_forward(module)
     if _leave_forward not in module._forward_hooks.values():  # unloaded while this forward waited: nothing
-        lock.leave_forward()                                  # will let go of the hold
+        lock.leave_forward(module)                            # will let go of the hold
 
 
 def _leave_forward(module: nn.Module, args, output) -> None:
-    if is_compiling() or torch._C._current_graph_task_id() != -1:
+    own = module.__dict__
+    if is_compiling() or torch._C._current_graph_task_id() != -1 or own.get("_is_replica"):
         return
-    lock = module.__dict__.get(_LOCK_ATTR)
+    lock = own.get(_LOCK_ATTR)
     if lock is not None:
-        lock.leave_forward()
+        lock.leave_forward(module)
 
 
 def _entry_modules(model: nn.Module) -> list[nn.Module]:

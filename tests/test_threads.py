@@ -9,6 +9,7 @@ forwards and blocks in flight, so a forward sees the model before the change or 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -263,8 +264,6 @@ def test_loading_and_deleting_adapters_during_forwards_shows_no_half_built_model
 
 
 def test_a_change_waits_for_the_blocks_in_flight_and_new_forwards_wait_for_it():
-    import time
-
     from lora_inject.threads import model_lock
 
     model, x = _model(), torch.randint(0, 100, (2, 6))
@@ -584,8 +583,6 @@ def test_a_block_ended_in_another_thread_is_an_error_and_leaves_the_first_thread
 
 
 def test_carry_blocks_takes_the_block_into_a_thread_it_starts_even_with_a_change_waiting():
-    import time
-
     from lora_inject.threads import model_lock
 
     model, x = _model(), torch.randint(0, 100, (2, 6))
@@ -616,8 +613,6 @@ def test_carry_blocks_takes_the_block_into_a_thread_it_starts_even_with_a_change
 
 
 def test_a_forward_waiting_while_the_adapters_are_unloaded_holds_nothing_afterwards():
-    import time
-
     from lora_inject.threads import model_lock
 
     model, x = _model(), torch.randint(0, 100, (2, 6))
@@ -708,3 +703,243 @@ def test_backward_recomputing_the_whole_model_in_another_thread_does_not_wait_fo
         worker.start()
         worker.join(WAIT)
     assert finished == [1], "backward waited for the lock its own block holds"
+
+
+# ----- found by a second review: each failed before its fix ----------------------------------------------------
+def _in_thread(function, timeout=WAIT):
+    """Run ``function`` in a thread; ``(finished, result or error)``."""
+    box = {}
+
+    def run():
+        try:
+            box["result"] = function()
+        except BaseException as error:  # noqa: BLE001 (handed back)
+            box["result"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return not thread.is_alive(), box.get("result")
+
+
+def test_a_keyboard_interrupt_inside_a_forward_does_not_keep_the_model_held():
+    model, x = _model(), torch.randint(0, 100, (2, 6))
+
+    def interrupted(module, args, output):
+        raise KeyboardInterrupt  # Ctrl-C in the middle of a forward: torch skips the leaving hook then
+
+    handle = model.model.layers[0].self_attn.q_proj.register_forward_hook(interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model(x)
+    handle.remove()
+    finished, _ = _in_thread(lambda: li.set_adapter(model, "b"), timeout=10)
+    assert finished, "a change from another thread waited for a forward that was over"
+
+
+def test_a_carried_thread_is_its_own_holder_changes_wait_for_it_and_cannot_come_from_it():
+    model, x = _model(), torch.randint(0, 100, (2, 6))
+    expected_b = _logits(model, x, "b")
+    inside, release, got = threading.Event(), threading.Event(), {}
+    layer = model.model.layers[0].self_attn.q_proj
+
+    def slow(module, args, output):
+        if threading.current_thread().name == "carried":
+            inside.set()
+            release.wait(WAIT)  # a long generation step in flight
+
+    handle = layer.register_forward_hook(slow)
+
+    def carried():
+        with torch.no_grad():
+            got["out"] = model(x).logits
+
+    with li.using_adapter(model, "b"):
+        worker = threading.Thread(target=li.carry_blocks(carried), name="carried")
+        worker.start()
+        assert inside.wait(WAIT)
+    started = time.monotonic()
+    threading.Timer(0.5, release.set).start()
+    li.delete_adapter(model, "b")  # the block is over; its carried forward is not: the change waits for it
+    assert time.monotonic() - started >= 0.4
+    worker.join(WAIT)
+    handle.remove()
+    assert torch.equal(got["out"], expected_b)
+
+    model = _model()
+    refused = []
+    with li.using_adapter(model, "b"):
+        def change_from_carried():
+            try:
+                li.set_adapter(model, "b")
+            except ConcurrencyError as error:
+                refused.append(str(error))
+        thread = threading.Thread(target=li.carry_blocks(change_from_carried))
+        thread.start()
+        thread.join(WAIT)
+    assert refused and "carry" in refused[0]
+    outside = li.carry_blocks(lambda: li.set_adapter(model, "b"))  # wrapped outside any block: an ordinary thread
+    assert _in_thread(outside)[0] and li.active_adapters(model) == ["b"]
+
+
+def test_dataparallel_replicas_run_while_the_maker_holds_the_model():
+    model, x = _model(), torch.randint(0, 100, (2, 6))
+    expected_b = _logits(model, x, "b")
+    li.merge(model, "a")
+
+    def replica_forward():  # what DataParallel does: replicate in the calling thread, run in its workers
+        replica = model._replicate_for_data_parallel()
+        return _in_thread(lambda: replica(x).logits, timeout=10)
+
+    with torch.no_grad(), li.disabled_adapters(model):  # merged: the block holds the model alone
+        finished, _ = replica_forward()
+        assert finished, "the replica waited for the lock its maker holds"
+    li.unmerge(model)
+    with torch.no_grad(), li.using_adapter(model, "b"):
+        changer = threading.Thread(target=lambda: li.set_adapter(model, "b"))
+        changer.start()  # waits for this block
+        time.sleep(0.3)
+        replicas = {}
+        for name, module in model.named_modules():
+            replicas[name] = module._replicate_for_data_parallel()
+        finished, _ = _in_thread(lambda: model(x), timeout=0.1)  # a plain thread would now wait for the change
+        layer = replicas["model.layers.0.self_attn.q_proj"]
+        assert layer.active_adapters == ("b",)  # the replica carries the maker's view
+        finished, out = replica_forward()
+        assert finished, "the replica waited behind a change that waits for its maker"
+    changer.join(WAIT)
+    assert torch.is_tensor(out) and out.shape == expected_b.shape
+
+
+def test_a_save_waits_for_a_change_in_flight(tmp_path, monkeypatch):
+    import sys
+
+    from safetensors.torch import load_file
+
+    hotswap = sys.modules["lora_inject.serving.hotswap"]
+    model, x, files, expected = _prepared_for_swaps(tmp_path)
+    li.hotswap_adapter(model, files["x"], adapter="a")
+    half, resume = threading.Event(), threading.Event()
+    real = hotswap._planned_writes
+
+    def paused(*args, **kwargs):  # the swap writes its first layer, then waits
+        def writes():
+            for i, write in enumerate(real(*args, **kwargs)):
+                if i == 1:
+                    half.set()
+                    resume.wait(WAIT)
+                yield write
+        return writes()
+
+    monkeypatch.setattr(hotswap, "_planned_writes", paused)
+    swap = threading.Thread(target=lambda: li.hotswap_adapter(model, files["y"], adapter="a"))
+    swap.start()
+    assert half.wait(WAIT)
+    finished, _ = _in_thread(lambda: li.save_adapter(model, tmp_path / "saved", adapter="a"), timeout=0.5)
+    assert not finished, "the save did not wait for the swap"
+    resume.set()
+    swap.join(WAIT)
+    deadline = time.monotonic() + WAIT
+    while not (tmp_path / "saved" / "adapter_model.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    saved = load_file(tmp_path / "saved" / "adapter_model.safetensors")
+    want = load_file(files["y"] / "adapter_model.safetensors")
+    for key, value in want.items():
+        torch.testing.assert_close(saved[key][: value.shape[0]] if "lora_A" in key else saved[key][:, : value.shape[1]],
+                                   value, rtol=1e-5, atol=1e-6)
+
+
+def test_training_through_a_block_with_checkpointing_of_any_kind_recomputes_the_blocks_adapter():
+    """torch.utils.checkpoint inside the model, no transformers flag: a block entered with grad on a model in
+    training mode changes the model itself, so a recomputation in autograd's thread runs the block's adapter."""
+    from torch import nn
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return checkpoint(self.l2, checkpoint(self.l1, x, use_reentrant=False), use_reentrant=False)
+
+    torch.manual_seed(0)
+    model = Checkpointed()
+    for name in ("a", "b"):
+        li.inject(model, targets=["l1", "l2"], r=2, init=False, adapter=name)
+    li.set_adapter(model, "a")
+    model.train()
+    x = torch.randn(4, 8)
+
+    def grads(backward_elsewhere):
+        model.zero_grad()
+        for key, p in model.named_parameters():
+            p.requires_grad_("lora_" in key)
+        with li.using_adapter(model, "b"):
+            loss = model(x).square().sum()
+            if backward_elsewhere:
+                _run_threads(loss.backward)  # as autograd does on GPUs
+            else:
+                loss.backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    want, got = grads(False), grads(True)
+    assert set(got) == set(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key])
+
+
+def test_diffusers_load_lora_is_one_change_and_takes_the_components_all_or_none(tmp_path, monkeypatch):
+    import importlib
+
+    from safetensors.torch import save_file
+    from test_diffusion import File, clip_out, leaves, pipeline, unet_out
+    from torch import nn
+
+    pipe = pipeline()
+    before = unet_out(pipe.unet)
+
+    def kohya(name):
+        unet, text = File(pipe.unet), File(pipe.text_encoder)
+        for path in leaves(pipe.unet)[::3]:
+            unet.add("lora_unet_" + path.replace(".", "_"), [path], alpha=2)
+        for path in leaves(pipe.text_encoder, nn.Linear)[::2]:
+            text.add("lora_te_text_model_" + path.replace(".", "_"), [path], alpha=1)
+        save_file({**unet.tensors, **text.tensors}, tmp_path / f"{name}.safetensors")
+        return tmp_path / f"{name}.safetensors"
+
+    first, second = kohya("a"), kohya("b")
+    seen = []
+    integration = importlib.import_module("lora_inject.integrations.diffusers")
+    real = integration._load_each
+
+    def with_a_request_meanwhile(*args):
+        real(*args)  # the adapter is in; its weight is not applied yet
+        seen.append(_in_thread(lambda: unet_out(pipe.unet), timeout=0.5)[0])
+
+    monkeypatch.setattr(integration, "_load_each", with_a_request_meanwhile)
+    li.diffusers.load_lora(pipe, first, adapter="a", weight=0.0)
+    monkeypatch.undo()
+    assert seen == [False]  # the request waited for the whole load, weight included
+    torch.testing.assert_close(unet_out(pipe.unet), before, atol=1e-5, rtol=1e-5)
+
+    encoded, go, outcome = threading.Event(), threading.Event(), {}
+
+    def request():  # a block on the text encoder, then the denoiser
+        with torch.no_grad(), li.using_adapter(pipe.text_encoder, "a"):
+            clip_out(pipe.text_encoder)
+            encoded.set()
+            go.wait(WAIT)
+            unet_out(pipe.unet)
+        outcome["request"] = True
+
+    serving = threading.Thread(target=request)
+    serving.start()
+    assert encoded.wait(WAIT)
+    loading = threading.Thread(target=lambda: (li.diffusers.load_lora(pipe, second, adapter="b"),
+                                               outcome.setdefault("load", True)))
+    loading.start()
+    time.sleep(0.5)  # the load now waits for the text encoder, holding nothing
+    go.set()
+    serving.join(WAIT)
+    loading.join(WAIT)
+    assert outcome == {"request": True, "load": True}

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import AdapterFileError, ExportError, preview
 from ..layers.principal import is_principal_init
+from ..threads import reads_adapters
 from .adapter import Adapter
 from .gguf_file import GGML_TYPES, write_gguf
 from .registry import AdapterFormat, read_adapter, register_format
@@ -301,6 +302,7 @@ def read_base_config(base: str | os.PathLike | Mapping[str, Any] | Any) -> dict[
     return config
 
 
+@reads_adapters
 def export_gguf(
     adapter: str | os.PathLike | nn.Module, out: str | os.PathLike, base: Any = None, *,
     outtype: str = "f32", adapter_name: str = "default",

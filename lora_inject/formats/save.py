@@ -21,6 +21,7 @@ from ..guards import check_not_sharded, unwrap
 from ..inject import _require_adapter, adapter_configs, adapter_state, carried_paths, lora_layers
 from ..layers import LoraLayer, ModulesToSave, TrainableTokens
 from ..layers.principal import is_principal_init
+from ..threads import reads_adapters
 from .adapter import Adapter
 from .load import embedding_modules
 from .peft_config import disk_key
@@ -125,6 +126,7 @@ def _carried_weights(model: nn.Module, full_state: dict | None, paths: set[str])
     return out
 
 
+@reads_adapters
 def save_adapter(
     model: nn.Module, directory: str | os.PathLike, adapter: str = "default", *,
     save_embedding_layers: bool | str = "auto", principal_as_lora: bool = True, format: str = "peft",

@@ -17,7 +17,6 @@ attributes.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import warnings
@@ -37,7 +36,7 @@ from ..inject import active_adapters, adapter_configs, delete_adapter, lora_laye
 from ..merging import merge as _merge
 from ..merging import unload as _unload
 from ..merging import unmerge as _unmerge
-from ..threads import changing
+from ..threads import changing_all
 
 ATTRIBUTES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
@@ -90,9 +89,7 @@ def load_lora(pipe, path: str | os.PathLike, adapter: str = "default", weight: f
     everything = read.with_(tensors={k: v for p in placed.values() for k, v in p.tensors.items()},
                             notes={"unplaced": orphans})
     refuse_or_warn_unplaced(everything, strict)
-    _load_all(placed, present, adapter)
-    if weight != 1.0:
-        set_weights(pipe, {adapter: weight})
+    _load_all(placed, present, adapter, weight)
     return pipe
 
 
@@ -107,28 +104,36 @@ def set_weights(pipe, weights: Mapping[str, float]) -> None:
     Refused for an adapter that is merged (unmerge first)."""
     for weight in weights.values():
         _check_weight(weight)
-    for _, model in components(pipe).values():
-        configs = adapter_configs(model)
-        layers = list(lora_layers(model))
-        merged = [(p, n) for p, layer in layers for n in weights if n in layer.merged_adapters]
-        if merged:
-            raise ConfigError(f"Adapter {merged[0][1]!r} is merged into {merged[0][0]}; unmerge before changing its "
-                              "weight.")
-        with changing(model):  # forwards in flight finish with the old weights; new ones wait
-            for path, layer in layers:
-                for name, weight in weights.items():
-                    if name in layer.scaling:
-                        layer.scaling[name] = configs[name].scale_for(path) * float(weight)
-                layer._refresh_running()  # the forward's precomputed (factors, scale) per running adapter
+    models = [model for _, model in components(pipe).values()]
+    with changing_all(models):  # forwards in flight finish with the old weights; new ones wait
+        for model in models:
+            merged = [(p, n) for p, layer in lora_layers(model) for n in weights if n in layer.merged_adapters]
+            if merged:
+                raise ConfigError(f"Adapter {merged[0][1]!r} is merged into {merged[0][0]}; unmerge before changing "
+                                  "its weight.")
+        for model in models:
+            _apply_weights(model, weights)
 
 
-def _load_all(placed: dict, present: dict, adapter: str) -> None:
-    """Each component in turn; a failure removes what the earlier ones got (all or nothing)."""
-    done = []
-    with contextlib.ExitStack() as held:  # every component alone, for the whole load: forwards see before or after
-        for role in sorted(r for r, found in placed.items() if found.tensors):
-            held.enter_context(changing(present[role][1]))
+def _apply_weights(model: nn.Module, weights: Mapping[str, float]) -> None:
+    configs = adapter_configs(model)
+    for path, layer in lora_layers(model):
+        for name, weight in weights.items():
+            if name in layer.scaling:
+                layer.scaling[name] = configs[name].scale_for(path) * float(weight)
+        layer._refresh_running()  # the forward's precomputed (factors, scale) per running adapter
+
+
+def _load_all(placed: dict, present: dict, adapter: str, weight: float) -> None:
+    """Each component in turn; a failure removes what the earlier ones got (all or nothing). Every component is
+    held alone for the whole load and its weight (forwards see the pipeline before or after, never between)."""
+    done: list = []
+    models = [present[role][1] for role, found in placed.items() if found.tensors]
+    with changing_all(models):
         _load_each(placed, present, adapter, done)
+        if weight != 1.0:
+            for model in models:
+                _apply_weights(model, {adapter: weight})
 
 
 def _load_each(placed: dict, present: dict, adapter: str, done: list) -> None:

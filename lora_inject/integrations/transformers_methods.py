@@ -37,7 +37,7 @@ from ..inject import (
     on_model_event,
 )
 from ..layers import ADAPTER_MODULES, LoraLayer, ModulesToSave
-from ..threads import changes_adapters
+from ..threads import changes_adapters, reads_adapters
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -123,6 +123,7 @@ on_model_event("detached", uninstall)
 on_model_event("untied", untie_note)
 
 
+@reads_adapters
 def save_pretrained(
     self: nn.Module,
     save_directory: str | os.PathLike,

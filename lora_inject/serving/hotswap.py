@@ -109,10 +109,10 @@ def hotswap_adapter(
         raise AdapterFileError(f"{folder}: hot swap writes plain LoRA factors; this adapter also has DoRA, biases, "
                                "trained modules, token rows or parameter (MoE expert) targets. Load it with "
                                "load_adapter instead.")
-    layers = {p: m for p, m in lora_layers(inner) if adapter in m.r}
-    writes = _planned_writes(layers, adapter, config, tensors, max_rank, str(folder))
-    checked_values(tensors, str(folder))
     with changing(inner), torch.no_grad():  # waits for the forwards and blocks in flight; new ones wait
+        layers = {p: m for p, m in lora_layers(inner) if adapter in m.r}
+        writes = _planned_writes(layers, adapter, config, tensors, max_rank, str(folder))
+        checked_values(tensors, str(folder))
         for (a, b), (new_a, new_b) in writes:
             a.copy_(new_a)
             b.copy_(new_b)
