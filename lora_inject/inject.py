@@ -19,6 +19,7 @@ from .layers.principal import is_principal_init
 from .quantized.registry import logical_numel, prepare_quantized_layers
 from .targeting.plan import Plan, resolve
 from .threads import (
+    LOCAL,
     changes_adapters,
     changing,
     hold_during_forwards,
@@ -351,25 +352,34 @@ def locked_for_block(model: nn.Module, model_wide: Callable[[list], bool]) -> It
     """``(adapter modules, whether the block changes the model itself)``, decided and held under the model's
     lock: shared for a block seen by its thread only, alone for a model-wide one (``model_wide(modules)``).
     Decided again under the lock, so a change landing between the first look and the lock is seen."""
+    state = LOCAL.__dict__  # this thread's: counted down where the block ends, whichever thread that is
     while True:
         wide = model_wide([m for _, m in _adapter_modules(model)])
         with changing(model) if wide else model_lock(model).shared():
             modules = [m for _, m in _adapter_modules(model)]
             if model_wide(modules) == wide:
-                yield modules, wide
+                state["blocks"] += 1  # what carry_blocks takes along, model-wide blocks included
+                try:
+                    yield modules, wide
+                finally:
+                    state["blocks"] -= 1
                 return
 
 
 @contextlib.contextmanager
 def _active_model_wide(modules: list[nn.Module], names: list[str]) -> Iterator[None]:
+    """The block's adapters made the model's own; on exit the previous ones again, except on modules where the
+    block's thread changed them meanwhile (``set_adapter`` inside a block lasts, as with a per-thread block)."""
     before = [m.active_adapters for m in modules]
     try:
         for module in modules:
             module.set_active(names, trainable=False)
+        during = [m.active_adapters for m in modules]
         yield
     finally:
-        for module, names_before in zip(modules, before):
-            module.set_active(names_before, trainable=False)
+        for module, names_before, names_set in zip(modules, before, locals().get("during", before)):
+            if module.active_adapters == names_set:
+                module.set_active(names_before, trainable=False)
 
 
 def recomputes_in_backward(model: nn.Module) -> bool:

@@ -35,6 +35,7 @@ class _Local(threading.local):
         self.views: dict | None = None  # defaults (torch.compile guards on what a thread's own attribute holds)
         self.parent: int | None = None  # {adapter module: View} of this thread's open blocks; for a thread
         # carrying a block in (carry_blocks), the block's thread
+        self.blocks = 0  # blocks open in this thread, model-wide ones included
 
 
 LOCAL = _Local()
@@ -141,7 +142,7 @@ def carry_blocks(function: Callable) -> Callable:
     changes wait for its forwards like any other thread's, and one made from it while the block is open is
     refused (the block would wait for it, and it for the block).
     """
-    views, parent = LOCAL.views, (_me() if LOCAL.views else None)
+    views, parent = LOCAL.views, (_me() if LOCAL.blocks else None)
 
     @functools.wraps(function)
     def carried(*args, **kwargs):
@@ -184,6 +185,7 @@ class ModelLock:
         self._depth = 0
         self._waiting = 0  # changes waiting
         self._upgrading: int | None = None
+        self._siblings: tuple = ()  # the locks a waiting pipeline change (changing_all) takes with this one
 
     def __deepcopy__(self, memo) -> ModelLock:
         return ModelLock()  # a copied model is another model: nobody holds its lock yet
@@ -193,10 +195,16 @@ class ModelLock:
 
     def _take_shared(self, me: int) -> None:
         if self._owner != me and me not in self._shared:
-            parent = LOCAL.parent  # a carried thread joins its block's hold without waiting for queued changes
-            while self._owner is not None or (self._waiting and parent not in self._shared):
+            parent = LOCAL.parent  # a carried thread joins its block (even one holding the model alone) without
+            while (self._owner is not None and self._owner != parent) or (  # waiting for queued changes
+                    self._waiting and parent not in self._shared and not self._holds_sibling(me)):
                 self._wait()
         self._shared[me] = self._shared.get(me, 0) + 1
+
+    def _holds_sibling(self, me: int) -> bool:
+        """Whether ``me`` holds another lock of a pipeline change waiting for this one (``changing_all``): it is
+        let in, or it would wait for the change, which waits for it to leave the other."""
+        return any(me in sibling._shared for sibling in self._siblings if sibling is not self)
 
     def _wait(self) -> None:
         """Wait for a change of state; every second, let go of forward holds whose forward is over: a
@@ -206,8 +214,8 @@ class ModelLock:
             frames = sys._current_frames()
             for key in list(self._forwards):
                 if not _inside_forward(frames.get(key[0]), key[1]):
-                    del self._forwards[key]
-                    self._drop_shared(key[0])
+                    for _ in range(self._forwards.pop(key)):
+                        self._drop_shared(key[0])
             self._cond.notify_all()
 
     def _drop_shared(self, me: int) -> None:
@@ -248,7 +256,9 @@ class ModelLock:
     def acquire(self, blocking: bool = True) -> bool:
         me = _me()
         with self._cond:
-            if self._owner == me:
+            if self._owner == me:  # nested: still wait for threads carrying this thread's block in
+                while any(t != me for t in self._shared):
+                    self._wait()
                 self._depth += 1
                 return True
             if not blocking:
@@ -340,27 +350,65 @@ def _extend(views: dict, model: nn.Module) -> None:
                 views[module] = template
 
 
+_GROUP = threading.Lock()  # pipeline changes announce themselves on all their locks at once
+
+
 @contextlib.contextmanager
 def changing_all(models: Iterable[nn.Module]) -> Iterator[None]:
-    """:func:`changing` several models at once (a pipeline's components), all of them or none at a time:
-    holding one while waiting for another could deadlock against a block that holds the second and is about
-    to run the first."""
-    locks = list({id(lock): lock for lock in (model_lock(m) for m in models)}.values())
-    while True:
-        taken = [lock for lock in locks if lock.acquire(blocking=False)]
-        if len(taken) == len(locks):
-            break
-        for lock in taken:
-            lock.release()
-        busy = next(lock for lock in locks if lock not in taken)
-        busy.acquire()  # wait for it, holding nothing else, then try them all again
-        busy.release()
+    """:func:`changing` several models at once (a pipeline's components), taken together: the change is
+    announced on every lock at once (new forwards wait, except those of threads inside a block on one of them,
+    which would otherwise wait for the change that waits for them), and all are taken when all are free."""
+    locks = sorted({id(lock): lock for lock in (model_lock(m) for m in models)}.values(), key=id)
+    me = _me()
+    with _GROUP:
+        upgrading = any(me in lock._shared for lock in locks)
+        if upgrading and any(lock._upgrading not in (None, me) for lock in locks):
+            raise ConcurrencyError(
+                "Two threads inside blocks on a pipeline's components both tried to change it; each waits for the "
+                "other to leave, so this one gives up. Change adapters (load_lora, set_weights) outside blocks."
+            )
+        for lock in locks:
+            with lock._mutex:
+                lock._waiting += 1
+                lock._siblings = tuple(locks)
+                lock._upgrading = me if upgrading else lock._upgrading
+    try:
+        _take_all(locks, me)
+    finally:
+        for lock in locks:
+            with lock._cond:
+                lock._waiting -= 1
+                lock._siblings = () if not lock._waiting else lock._siblings
+                lock._upgrading = None if lock._upgrading == me else lock._upgrading
+                lock._cond.notify_all()
     try:
         with suspended():
             yield
     finally:
-        for lock in taken:
+        for lock in locks:
             lock.release()
+
+
+def _take_all(locks: list[ModelLock], me: int) -> None:
+    """Own every lock once none is held by another thread (each mutex held while looking, so nothing slips in)."""
+    while True:
+        for lock in locks:
+            lock._mutex.acquire()
+        busy = next((lock for lock in locks if lock._owner not in (None, me)
+                     or any(t != me for t in lock._shared)), None)
+        if busy is None:
+            for lock in locks:
+                lock._depth = lock._depth + 1 if lock._owner == me else 1
+                lock._owner = me
+                lock._mutex.release()
+            return
+        for lock in locks:
+            if lock is not busy:
+                lock._mutex.release()
+        try:
+            busy._wait()
+        finally:
+            busy._mutex.release()
 
 
 def changes_adapters(function):

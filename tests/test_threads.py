@@ -943,3 +943,104 @@ def test_diffusers_load_lora_is_one_change_and_takes_the_components_all_or_none(
     serving.join(WAIT)
     loading.join(WAIT)
     assert outcome == {"request": True, "load": True}
+
+
+# ----- found by a third review: each failed before its fix -----------------------------------------------------
+def test_threads_carried_into_a_block_that_holds_the_model_alone_run():
+    """A block entered with grad on a model in training mode holds it alone: its carried threads still run."""
+    model, x = _model(), torch.randint(0, 100, (2, 6))
+    model.train()
+    expected_b = _logits(model.eval(), x, "b")
+    model.train()
+    with li.using_adapter(model, "b"):  # grad on, training mode: model-wide
+        finished, out = _in_thread(li.carry_blocks(lambda: model.eval()(x).logits.detach()), timeout=10)
+        model.train()
+    assert finished, "the carried thread waited for its own block"
+    torch.testing.assert_close(out, expected_b)
+
+
+def test_two_interrupted_forwards_in_one_thread_leave_nothing_held():
+    model, x = _model(), torch.randint(0, 100, (2, 6))
+    layer = model.model.layers[0].self_attn.q_proj
+
+    def interrupted(module, args, output):
+        raise KeyboardInterrupt
+
+    handle = layer.register_forward_hook(interrupted)
+    for _ in range(2):
+        with pytest.raises(KeyboardInterrupt):
+            model(x)
+    handle.remove()
+    assert _in_thread(lambda: li.set_adapter(model, "b"), timeout=10)[0]
+    assert _in_thread(lambda: model(x), timeout=10)[0]
+
+
+def _pipeline_with_adapter():
+    from test_diffusion import leaves, pipeline
+    from torch import nn
+
+    pipe = pipeline()
+    li.inject(pipe.unet, targets=leaves(pipe.unet, nn.Linear)[:4], r=2, adapter="a", init=False)
+    li.inject(pipe.text_encoder, targets=leaves(pipe.text_encoder, nn.Linear)[:4], r=2, adapter="a", init=False)
+    pipe.unet.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    return pipe
+
+
+def test_two_threads_changing_a_pipeline_from_blocks_on_different_components_do_not_deadlock():
+    pipe = _pipeline_with_adapter()
+    both = threading.Barrier(2, timeout=WAIT)
+    outcomes = []
+
+    def request(component, weight):
+        def run():
+            try:
+                with torch.no_grad(), li.using_adapter(component, "a"):
+                    both.wait()
+                    li.diffusers.set_weights(pipe, {"a": weight})
+                outcomes.append("changed")
+            except ConcurrencyError:
+                outcomes.append("refused")
+        return run
+
+    threads = [threading.Thread(target=request(pipe.unet, 0.5)),
+               threading.Thread(target=request(pipe.text_encoder, 0.7))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    assert not any(thread.is_alive() for thread in threads), "both waited for each other"
+    assert sorted(outcomes) == ["changed", "refused"]
+
+
+def test_a_pipeline_change_is_not_starved_by_steady_requests():
+    from test_diffusion import clip_out, unet_out
+
+    pipe, stop = _pipeline_with_adapter(), threading.Event()
+
+    def traffic(run_once):
+        def run():
+            while not stop.is_set():
+                with torch.no_grad():
+                    run_once()
+        return run
+
+    workers = [threading.Thread(target=traffic(lambda: unet_out(pipe.unet))) for _ in range(3)]
+    workers += [threading.Thread(target=traffic(lambda: clip_out(pipe.text_encoder))) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    try:
+        finished, _ = _in_thread(lambda: li.diffusers.set_weights(pipe, {"a": 0.5}), timeout=WAIT)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(WAIT)
+    assert finished, "the change never found both components free"
+
+
+def test_set_adapter_inside_a_model_wide_block_lasts_as_inside_a_per_thread_one():
+    model = _model()
+    model.train()
+    with li.using_adapter(model, "a"):  # grad on, training mode: model-wide
+        li.set_adapter(model, "b")
+    assert li.active_adapters(model) == ["b"]
