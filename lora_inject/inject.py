@@ -334,7 +334,7 @@ def using_adapter(model: nn.Module, names: str | Iterable[str] | None) -> Iterat
     """
     inner = unwrap(model)
     wanted = [] if names is None else ([names] if isinstance(names, str) else list(names))
-    with locked_for_block(inner, lambda modules: recomputes_in_backward(inner)) as (modules, model_wide):
+    with locked_for_block(inner, lambda modules: needs_model_wide_block(inner)) as (modules, model_wide):
         for name in wanted:
             _require_adapter(inner, name)
         for module in modules:
@@ -370,19 +370,19 @@ def locked_for_block(model: nn.Module, model_wide: Callable[[list], bool]) -> It
 def _active_model_wide(modules: list[nn.Module], names: list[str]) -> Iterator[None]:
     """The block's adapters made the model's own; on exit the previous ones again, except on modules where the
     block's thread changed them meanwhile (``set_adapter`` inside a block lasts, as with a per-thread block)."""
-    before = [m.active_adapters for m in modules]
+    before, during = [m.active_adapters for m in modules], None
     try:
         for module in modules:
             module.set_active(names, trainable=False)
         during = [m.active_adapters for m in modules]
         yield
     finally:
-        for module, names_before, names_set in zip(modules, before, locals().get("during", before)):
-            if module.active_adapters == names_set:
-                module.set_active(names_before, trainable=False)
+        for i, module in enumerate(modules):
+            if during is None or module.active_adapters == during[i]:  # a failed start: put every one back
+                module.set_active(before[i], trainable=False)
 
 
-def recomputes_in_backward(model: nn.Module) -> bool:
+def needs_model_wide_block(model: nn.Module) -> bool:
     """Whether a block entered now must change the model itself rather than this thread's view: with grad on, a
     model in training mode (or with transformers' checkpointing flag) may run its forwards again during
     backward (activation checkpointing of any kind), on GPUs in autograd's own threads, which see the model's
@@ -460,7 +460,7 @@ def disabled_adapters(model: nn.Module) -> Iterator[nn.Module]:
     inner = unwrap(model)
 
     def model_wide(modules: list) -> bool:
-        return any(m.merged_adapters for m in modules) or recomputes_in_backward(inner)
+        return any(m.merged_adapters for m in modules) or needs_model_wide_block(inner)
 
     with locked_for_block(inner, model_wide) as (modules, wide):
         if any(m._routing is not None for m in modules):

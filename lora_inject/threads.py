@@ -31,18 +31,17 @@ from .guards import _wrapper_kind, unwrap
 
 
 class _Local(threading.local):
-    def __init__(self) -> None:  # run in every thread on its first use: each has its own attributes, no class
-        self.views: dict | None = None  # defaults (torch.compile guards on what a thread's own attribute holds)
-        self.parent: int | None = None  # {adapter module: View} of this thread's open blocks; for a thread
-        # carrying a block in (carry_blocks), the block's thread
+    """Per-thread state. ``__init__`` runs in every thread on its first use, so each thread has its own
+    attributes and no class defaults: torch.compile guards on what the thread's own attribute holds."""
+
+    def __init__(self) -> None:
+        self.views: dict | None = None  # {adapter module: View} of this thread's open blocks
+        self.parent: int | None = None  # in a thread carrying a block in (carry_blocks): the block's thread
         self.blocks = 0  # blocks open in this thread, model-wide ones included
 
 
 LOCAL = _Local()
-
-
-def _me() -> int:
-    return threading.get_ident()
+_me = threading.get_ident  # who holds a lock: a thread, by its id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +69,7 @@ def view_of(module: nn.Module) -> View | None:
     return None if views is None else views.get(module)
 
 
-def per_thread(field: str, view_field: str, default=None) -> property:
+def per_thread(field: str, view_field: str) -> property:
     """A property answering this thread's view where it sets ``view_field``, else the module's own ``field``,
     kept in ``__dict__`` under that name (assignments write it there)."""
 
@@ -82,7 +81,7 @@ def per_thread(field: str, view_field: str, default=None) -> property:
                 value = getattr(view, view_field)
                 if value is not None and value is not False:
                     return value
-        return self.__dict__.get(field, default)
+        return self.__dict__.get(field)
 
     def write(self, value) -> None:
         self.__dict__[field] = value
@@ -354,7 +353,7 @@ _GROUP = threading.Lock()  # pipeline changes announce themselves on all their l
 
 
 @contextlib.contextmanager
-def changing_all(models: Iterable[nn.Module]) -> Iterator[None]:
+def changing_all(models: list[nn.Module]) -> Iterator[None]:
     """:func:`changing` several models at once (a pipeline's components), taken together: the change is
     announced on every lock at once (new forwards wait, except those of threads inside a block on one of them,
     which would otherwise wait for the change that waits for them), and all are taken when all are free."""
@@ -381,9 +380,12 @@ def changing_all(models: Iterable[nn.Module]) -> Iterator[None]:
                 lock._siblings = () if not lock._waiting else lock._siblings
                 lock._upgrading = None if lock._upgrading == me else lock._upgrading
                 lock._cond.notify_all()
+    views = LOCAL.views
     try:
         with suspended():
             yield
+        for model in models if views else ():
+            _extend(views, model)
     finally:
         for lock in locks:
             lock.release()

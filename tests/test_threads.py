@@ -644,7 +644,7 @@ def test_a_change_landing_between_a_blocks_first_look_and_its_lock_is_seen(monke
     model, x = _model(), torch.randint(0, 100, (2, 6))
     with torch.no_grad(), li.disabled_adapters(model):
         base = model(x).logits
-    real, merged = inject_module.recomputes_in_backward, threading.Event()
+    real, merged = inject_module.needs_model_wide_block, threading.Event()
     calls = []
 
     def slow_first_look(m):
@@ -654,7 +654,7 @@ def test_a_change_landing_between_a_blocks_first_look_and_its_lock_is_seen(monke
             merged.set()
         return real(m)
 
-    monkeypatch.setattr(inject_module, "recomputes_in_backward", slow_first_look)
+    monkeypatch.setattr(inject_module, "needs_model_wide_block", slow_first_look)
     with torch.no_grad(), li.disabled_adapters(model):
         assert merged.is_set()
         torch.testing.assert_close(model(x).logits, base, atol=1e-5, rtol=1e-5)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import AdapterNotFoundError, ConfigError, MergeError
 from ..guards import unwrap
-from ..inject import _STATE_ATTR, locked_for_block, recomputes_in_backward, using_adapter
+from ..inject import _STATE_ATTR, locked_for_block, needs_model_wide_block, using_adapter
 from ..threads import keep_recent, opened
 
 
@@ -102,7 +102,7 @@ def batch_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
     """
     inner = unwrap(model)
     _check_names(inner, names)
-    with locked_for_block(inner, lambda modules: recomputes_in_backward(inner)) as (modules, model_wide):
+    with locked_for_block(inner, lambda modules: needs_model_wide_block(inner)) as (modules, model_wide):
         _check_names(inner, names)
         merged = sorted({n for m in modules for n in m.merged_adapters})
         if merged:
